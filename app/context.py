@@ -1,0 +1,121 @@
+"""The unified context and the paper's imputation rules: ONE implementation for training
+and serving.
+
+Every request, whatever the product surface, becomes the tuple
+``{task, user_id, query, country, source_entity_id}``. Missing parts become explicit
+tokens so that the model sees "absent" as a value it learned, never as garbage:
+
+- search: the source entity is the explicit ``NULL_SOURCE`` token;
+- more_like_this / entity: the query is imputed from the source entity's display name;
+- prequery: neither a query (``""``) nor a source (``NULL_SOURCE``);
+- missing user / country: ``UNKNOWN_USER`` / ``UNKNOWN_COUNTRY``.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from app.engagement_log import TASKS
+
+NULL_SOURCE = "<null_source>"
+UNKNOWN_USER = "<unknown_user>"
+UNKNOWN_COUNTRY = "<unknown_country>"
+MAX_QUERY_CHARS = 200  # normalised queries are cut here; the API refuses longer input
+
+_NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
+
+
+class Task(StrEnum):
+    SEARCH = "search"
+    PREQUERY = "prequery"
+    MORE_LIKE_THIS = "more_like_this"
+    ENTITY = "entity"
+
+
+class Personalization(StrEnum):
+    NONE = "none"
+    CLUSTER = "cluster"
+    FULL = "full"
+
+
+assert tuple(t.value for t in Task) == TASKS  # one list of tasks, checked at import
+
+
+def normalise_query(text: str | None) -> str:
+    """NFKC, case fold, punctuation to spaces, whitespace collapsed; at most
+    ``MAX_QUERY_CHARS`` characters. ``None`` and blank input give ``""``."""
+    if not text:
+        return ""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    words = _NON_WORD.sub(" ", folded).replace("_", " ").split()
+    return " ".join(words)[:MAX_QUERY_CHARS].strip()
+
+
+def tokenize(normalised: str) -> list[str]:
+    """Tokens of an already normalised string."""
+    return normalised.split()
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """A request after imputation: no field is ever missing."""
+
+    task: Task
+    user_id: str
+    query: str
+    country: str
+    source_entity_id: str
+    query_imputed: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "task": self.task.value,
+            "user_id": self.user_id,
+            "query": self.query,
+            "country": self.country,
+            "source_entity_id": self.source_entity_id,
+            "query_imputed": self.query_imputed,
+        }
+
+
+def impute_context(
+    task: str,
+    user_id: str | None,
+    query: str | None,
+    country: str | None,
+    source_entity_id: str | None,
+    source_name: Callable[[str], str | None],
+) -> Context:
+    """Apply the paper's imputation rules to a raw request or log row.
+
+    ``source_name`` maps an entity id to its display name (``None`` when unknown).
+    Raises ``ValueError`` naming the field when the task or a required value is invalid.
+    """
+    try:
+        the_task = Task(task)
+    except ValueError:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}") from None
+    user = (user_id or "").strip() or UNKNOWN_USER
+    the_country = (country or "").strip().upper() or UNKNOWN_COUNTRY
+    source = (source_entity_id or "").strip()
+    normalised = normalise_query(query)
+    imputed = False
+    if the_task is Task.SEARCH:
+        if not normalised:
+            raise ValueError("query is required for task search (non-empty after normalisation)")
+        source = NULL_SOURCE
+    elif the_task is Task.PREQUERY:
+        source, normalised = NULL_SOURCE, ""
+    else:
+        if not source:
+            raise ValueError(f"source_entity_id is required for task {the_task.value}")
+        name = source_name(source)
+        if name is None:
+            raise LookupError(f"source_entity_id {source!r} is not in the catalogue")
+        if not normalised:
+            normalised, imputed = normalise_query(name), True
+    return Context(the_task, user, normalised, the_country, source, imputed)

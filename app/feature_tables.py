@@ -1,0 +1,187 @@
+"""Engagement statistics the features and retrieval read, built from a window of the
+engagement log (the training split only: never from the rows being evaluated).
+
+One function, ``build_feature_tables``, makes them for training (from the history window)
+and for the bundle the service loads (from the whole training split), so the numbers the
+model learned from and the numbers it is served with are computed by the same code.
+
+Per-user signals for ``full`` personalization come from item vectors of a separately
+pre-trained user-item model: a user's vector is the shrunk mean of the vectors of the
+items they engaged with in the window (a fold-in, so the item basis stays fixed), and the
+user's cluster is the nearest of the k-means centroids fitted on those vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from app.catalogue import Catalogue
+from app.context import normalise_query
+from app.engagement_log import EngagementLog
+from app.tables import load_table, save_table
+
+USER_SHRINKAGE = 2.0  # pseudo-count pulling users with few engagements towards zero
+
+
+@dataclass
+class FeatureTables:
+    """Counts and vectors keyed by entity index (see ``Catalogue``)."""
+
+    entity_pos: np.ndarray  # (E,) positives per target
+    entity_imp: np.ndarray  # (E,) impressions per target
+    country_pos: np.ndarray  # (C+1, E) positives per country; row 0 = unknown country
+    cluster_pos: np.ndarray  # (K+1, E) positives per user cluster; row 0 = no cluster
+    query_keys: np.ndarray  # (Q,) sorted normalised search queries (every prefix typed)
+    query_indptr: np.ndarray  # (Q+1,)
+    query_targets: np.ndarray  # targets impressed for the query, sorted within a query
+    query_pos: np.ndarray
+    query_imp: np.ndarray
+    co_indptr: np.ndarray  # (E+1,) source entity -> co-engaged targets (CSR)
+    co_targets: np.ndarray
+    co_count: np.ndarray
+    user_ids: np.ndarray  # (U,) sorted
+    user_cluster: np.ndarray  # (U,) 1..K, 0 when the user had no positive
+    user_vec: np.ndarray  # (U, d) float32
+    item_vec: np.ndarray  # (E, d) float32, from the pre-trained user-item model
+    centroids: np.ndarray  # (K, d) float32
+    prior_ctr: np.ndarray  # () global positive rate, for smoothing
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def vec_dim(self) -> int:
+        return int(self.item_vec.shape[1])
+
+    def user_row(self, user_id: str) -> int:
+        """Row of ``user_id`` in the user arrays, -1 for an unknown (cold-start) user."""
+        if len(self.user_ids) == 0:
+            return -1
+        pos = int(np.searchsorted(self.user_ids, user_id))
+        if pos < len(self.user_ids) and self.user_ids[pos] == user_id:
+            return pos
+        return -1
+
+    def query_row(self, query: str) -> int:
+        if len(self.query_keys) == 0:
+            return -1
+        pos = int(np.searchsorted(self.query_keys, query))
+        if pos < len(self.query_keys) and self.query_keys[pos] == query:
+            return pos
+        return -1
+
+    def co_engaged(self, source: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.co_indptr[source], self.co_indptr[source + 1]
+        return self.co_targets[lo:hi], self.co_count[lo:hi]
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def save(self, path: Path) -> None:
+        save_table(path, self.columns())
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureTables:
+        return cls(**load_table(path, required=tuple(f.name for f in fields(cls))))
+
+
+def fold_in_users(
+    user_index: np.ndarray, item_index: np.ndarray, n_users: int, item_vec: np.ndarray
+) -> np.ndarray:
+    """(n_users, d): shrunk mean of the vectors of each user's positive items."""
+    sums = np.zeros((n_users, item_vec.shape[1]), dtype=np.float64)
+    np.add.at(sums, user_index, item_vec[item_index])
+    counts = np.bincount(user_index, minlength=n_users).astype(np.float64)
+    return (sums / (counts[:, None] + USER_SHRINKAGE)).astype(np.float32)
+
+
+def assign_clusters(user_vec: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """1-based nearest centroid (cosine); 0 for all-zero vectors (no signal)."""
+    if len(centroids) == 0 or len(user_vec) == 0:
+        return np.zeros(len(user_vec), dtype=np.int64)
+    u = user_vec / np.maximum(np.linalg.norm(user_vec, axis=1, keepdims=True), 1e-9)
+    c = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-9)
+    nearest = np.argmax(u @ c.T, axis=1) + 1
+    return np.where(np.abs(user_vec).sum(axis=1) > 0, nearest, 0).astype(np.int64)
+
+
+def country_rows(catalogue: Catalogue, countries: np.ndarray) -> np.ndarray:
+    """Row in ``country_pos`` for each raw or imputed country code: 0 when unknown."""
+    lookup = {c: i + 1 for i, c in enumerate(catalogue.country_names)}
+    return np.array([lookup.get(str(c).upper(), 0) for c in countries.tolist()], dtype=np.int64)
+
+
+def build_feature_tables(
+    log: EngagementLog, catalogue: Catalogue, item_vec: np.ndarray, centroids: np.ndarray
+) -> FeatureTables:
+    """Aggregate ``log`` (one window of the training split) into ``FeatureTables``."""
+    n_entities = len(catalogue)
+    if item_vec.shape[0] != n_entities:
+        raise ValueError(f"item_vec has {item_vec.shape[0]} rows, catalogue has {n_entities}")
+    target = catalogue.lookup(log.target_entity_id)
+    if np.any(target < 0):
+        bad = log.target_entity_id[target < 0][:3].tolist()
+        raise ValueError(f"engagement log names targets missing from the catalogue: {bad}")
+    label = log.label.astype(bool)
+    entity_pos = np.bincount(target[label], minlength=n_entities).astype(np.float32)
+    entity_imp = np.bincount(target, minlength=n_entities).astype(np.float32)
+    n_c = len(catalogue.country_names) + 1
+    crow = country_rows(catalogue, log.country)
+    country_pos = np.zeros((n_c, n_entities), dtype=np.float32)
+    np.add.at(country_pos, (crow[label], target[label]), 1.0)
+
+    # Users: fold-in vectors over positives, then clusters.
+    has_user = log.user_id != ""
+    user_ids, user_inv = np.unique(log.user_id[has_user], return_inverse=True)
+    pos_rows = label[has_user]
+    user_vec = fold_in_users(
+        user_inv[pos_rows], target[has_user][pos_rows], len(user_ids), item_vec
+    )
+    user_cluster = assign_clusters(user_vec, centroids)
+    cluster_pos = np.zeros((len(centroids) + 1, n_entities), dtype=np.float32)
+    np.add.at(cluster_pos, (user_cluster[user_inv[pos_rows]], target[has_user][pos_rows]), 1.0)
+
+    # Search queries: every typed prefix, normalised exactly as at serving time.
+    is_search = log.task == "search"
+    queries = np.array([normalise_query(q) for q in log.query[is_search].tolist()], dtype=str)
+    q_keys, q_inv = np.unique(queries, return_inverse=True)
+    pair = q_inv.astype(np.int64) * n_entities + target[is_search]
+    pairs, pair_inv = np.unique(pair, return_inverse=True)
+    q_imp = np.bincount(pair_inv).astype(np.float32)
+    q_pos = np.bincount(pair_inv, weights=label[is_search]).astype(np.float32)
+    q_rows = pairs // n_entities
+    query_indptr = np.concatenate([[0], np.cumsum(np.bincount(q_rows, minlength=len(q_keys)))])
+
+    # Co-engagement: positives on a page of entity s for target t.
+    paged = np.isin(log.task, ("more_like_this", "entity")) & label
+    source = catalogue.lookup(log.source_entity_id[paged])
+    ok = source >= 0
+    co_pair = source[ok] * n_entities + target[paged][ok]
+    co_pairs, co_cnt = np.unique(co_pair, return_counts=True)
+    co_src = co_pairs // n_entities
+    co_indptr = np.concatenate([[0], np.cumsum(np.bincount(co_src, minlength=n_entities))])
+
+    return FeatureTables(
+        entity_pos=entity_pos,
+        entity_imp=entity_imp,
+        country_pos=country_pos,
+        cluster_pos=cluster_pos,
+        query_keys=q_keys,
+        query_indptr=query_indptr.astype(np.int64),
+        query_targets=(pairs % n_entities).astype(np.int64),
+        query_pos=q_pos,
+        query_imp=q_imp,
+        co_indptr=co_indptr.astype(np.int64),
+        co_targets=(co_pairs % n_entities).astype(np.int64),
+        co_count=co_cnt.astype(np.float32),
+        user_ids=user_ids.astype(str),
+        user_cluster=user_cluster,
+        user_vec=user_vec,
+        item_vec=item_vec.astype(np.float32),
+        centroids=centroids.astype(np.float32),
+        prior_ctr=np.array(float(label.mean()) if len(label) else 0.0, dtype=np.float32),
+    )

@@ -1,0 +1,262 @@
+"""Model inputs for one context and N candidates, in one vectorised numpy pass.
+
+``FeatureBuilder.context`` does the per-request work once (tokens, lookups of the user,
+country, cluster and query statistics); ``FeatureBuilder.candidates`` then computes every
+context x target feature for all N candidates with array operations: no Python loop over
+candidates. Training featurises its rows with these same two calls.
+
+Model inputs (names, dtypes and shapes are recorded in the bundle manifest). Context
+inputs have batch 1 at serving time and are broadcast by the model; training passes one
+row per candidate.
+
+=============  =======  ========  =========================================================
+name           dtype    shape     meaning
+=============  =======  ========  =========================================================
+ctx_cat        int64    (B, 4)    task, country, user cluster, personalization level ids
+ctx_source     int64    (B,)      source entity index, ``n_entities`` = null token
+ctx_tokens     int64    (B, T)    hashed query tokens, 0 = padding
+user_vec       float32  (B, d)    per-user vector (zeros unless personalization is full)
+target         int64    (N,)      candidate entity index
+item_vec       float32  (N, d)    candidate vector of the pre-trained user-item model
+dense          float32  (N, F)    numeric features, in ``DENSE_FEATURES`` order (raw; the
+                                  model normalises them with constants from training)
+=============  =======  ========  =========================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.catalogue import Catalogue
+from app.context import NULL_SOURCE, Context, Personalization, Task, tokenize
+from app.feature_tables import FeatureTables, country_rows
+from app.text_index import TextIndex, query_trigrams, stable_hash
+
+MAX_QUERY_TOKENS = 8
+TOKEN_BUCKETS = 1 << 15
+BM25_K1, BM25_B = 1.2, 0.75
+CTR_SMOOTHING = 5.0  # pseudo-impressions at the prior rate
+TASK_IDS: dict[Task, int] = {t: i for i, t in enumerate(Task)}
+LEVEL_IDS: dict[Personalization, int] = {p: i for i, p in enumerate(Personalization)}
+
+DENSE_FEATURES: tuple[str, ...] = (
+    # context
+    "query_chars_log",
+    "query_tokens",
+    "query_imputed",
+    # query x target text match
+    "name_prefix",
+    "name_exact",
+    "token_overlap",
+    "last_token_prefix",
+    "bm25",
+    "trigram_containment",
+    # query x target engagement (search logs, every typed prefix)
+    "query_target_pos_log",
+    "query_target_ctr",
+    # source x target
+    "co_engagement_log",
+    "co_engagement_share",
+    "linked_to_source",
+    # popularity
+    "country_pop_log",
+    "global_pop_log",
+    "global_ctr",
+    # personalization
+    "cluster_pop_log",
+    "cluster_share",
+    "user_item_dot",
+)
+INPUT_NAMES: tuple[str, ...] = (
+    "ctx_cat",
+    "ctx_source",
+    "ctx_tokens",
+    "user_vec",
+    "target",
+    "item_vec",
+    "dense",
+)
+
+
+@dataclass(frozen=True)
+class ContextFeatures:
+    """Everything about a request that does not depend on the candidate."""
+
+    context: Context
+    level: Personalization
+    ctx_cat: np.ndarray  # (1, 4)
+    ctx_source: np.ndarray  # (1,)
+    ctx_tokens: np.ndarray  # (1, T)
+    user_vec: np.ndarray  # (1, d)
+    tokens: tuple[str, ...]
+    idfs: np.ndarray  # (len(tokens),)
+    trigrams: np.ndarray
+    source_index: int  # -1 for the null source
+    country_row: int
+    cluster: int
+    query_row: int
+    context_dense: np.ndarray  # (3,) the context block of DENSE_FEATURES
+
+
+class FeatureBuilder:
+    """Turns (context, candidate indices) into model inputs; reads only bundle tables."""
+
+    def __init__(self, catalogue: Catalogue, tables: FeatureTables, text: TextIndex) -> None:
+        self.catalogue = catalogue
+        self.tables = tables
+        self.text = text
+        self.n_entities = len(catalogue)
+        self.pop_log = np.log1p(tables.entity_pos)
+        prior = float(tables.prior_ctr)
+        self.global_ctr = (tables.entity_pos + CTR_SMOOTHING * prior) / (
+            tables.entity_imp + CTR_SMOOTHING
+        )
+        self.country_pop_log = np.log1p(tables.country_pos)
+        self.cluster_pop_log = np.log1p(tables.cluster_pos)
+        cluster_tot = tables.cluster_pos.sum(axis=1, keepdims=True)
+        self.cluster_share = tables.cluster_pos / np.maximum(cluster_tot, 1.0) * 1000.0
+        self.zero_vec = np.zeros((1, tables.vec_dim), dtype=np.float32)
+
+    def user_cluster(self, user_id: str) -> int:
+        row = self.tables.user_row(user_id)
+        return int(self.tables.user_cluster[row]) if row >= 0 else 0
+
+    def context(self, ctx: Context, level: Personalization) -> ContextFeatures:
+        tokens = tuple(tokenize(ctx.query))[:MAX_QUERY_TOKENS]
+        ctx_tokens = np.zeros((1, MAX_QUERY_TOKENS), dtype=np.int64)
+        for i, tok in enumerate(tokens):
+            ctx_tokens[0, i] = stable_hash(tok, TOKEN_BUCKETS)
+        # The last token of a typed search query may be incomplete: treat it as a prefix.
+        last_is_prefix = ctx.task is Task.SEARCH
+        idfs = np.array(
+            [
+                self.text.idf(t, prefix=last_is_prefix and i == len(tokens) - 1)
+                for i, t in enumerate(tokens)
+            ],
+            dtype=np.float32,
+        )
+        user_row = self.tables.user_row(ctx.user_id)
+        cluster = 0
+        user_vec = self.zero_vec
+        if level is not Personalization.NONE and user_row >= 0:
+            cluster = int(self.tables.user_cluster[user_row])
+        if level is Personalization.FULL and user_row >= 0:
+            user_vec = self.tables.user_vec[user_row : user_row + 1]
+        source_index = -1
+        if ctx.source_entity_id != NULL_SOURCE:
+            source_index = self.catalogue.index.get(ctx.source_entity_id, -1)
+        country_row = int(country_rows(self.catalogue, np.array([ctx.country]))[0])
+        ctx_cat = np.array(
+            [[TASK_IDS[ctx.task], country_row, cluster, LEVEL_IDS[level]]], dtype=np.int64
+        )
+        context_dense = np.array(
+            [np.log1p(len(ctx.query)), len(tokens), float(ctx.query_imputed)], dtype=np.float32
+        )
+        return ContextFeatures(
+            context=ctx,
+            level=level,
+            ctx_cat=ctx_cat,
+            ctx_source=np.array(
+                [source_index if source_index >= 0 else self.n_entities], dtype=np.int64
+            ),
+            ctx_tokens=ctx_tokens,
+            user_vec=user_vec,
+            tokens=tokens,
+            idfs=idfs,
+            trigrams=query_trigrams(ctx.query) if ctx.query else np.zeros(0, dtype=np.int64),
+            source_index=source_index,
+            country_row=country_row,
+            cluster=cluster,
+            query_row=self.tables.query_row(ctx.query) if ctx.task is Task.SEARCH else -1,
+            context_dense=context_dense,
+        )
+
+    def candidates(self, cf: ContextFeatures, cand: np.ndarray) -> dict[str, np.ndarray]:
+        """Model inputs for ``cand`` (int64 entity indices) under context ``cf``."""
+        n = len(cand)
+        dense = np.zeros((n, len(DENSE_FEATURES)), dtype=np.float32)
+        dense[:, 0:3] = cf.context_dense
+        if cf.tokens:
+            self._text_features(cf, cand, dense)
+        self._engagement_features(cf, cand, dense)
+        tables = self.tables
+        dense[:, 14] = self.country_pop_log[cf.country_row, cand]
+        dense[:, 15] = self.pop_log[cand]
+        dense[:, 16] = self.global_ctr[cand]
+        item_vec = tables.item_vec[cand]
+        if cf.cluster > 0:
+            dense[:, 17] = self.cluster_pop_log[cf.cluster, cand]
+            dense[:, 18] = self.cluster_share[cf.cluster, cand]
+        if cf.level is Personalization.FULL:
+            dense[:, 19] = item_vec @ cf.user_vec[0]
+        return {
+            "ctx_cat": cf.ctx_cat,
+            "ctx_source": cf.ctx_source,
+            "ctx_tokens": cf.ctx_tokens,
+            "user_vec": cf.user_vec,
+            "target": cand.astype(np.int64),
+            "item_vec": item_vec,
+            "dense": dense,
+        }
+
+    def _text_features(self, cf: ContextFeatures, cand: np.ndarray, dense: np.ndarray) -> None:
+        text = self.text
+        names = text.names[cand]
+        padded = text.padded_names[cand]
+        query = cf.context.query
+        prefix_last = cf.context.task is Task.SEARCH
+        # (N, Q): does query token q occur as a whole name token (or start one, for the
+        # last token of a typed query)?
+        match = np.empty((len(cand), len(cf.tokens)), dtype=np.float32)
+        for q, tok in enumerate(cf.tokens):  # loop over <= 8 query tokens, not candidates
+            is_last_prefix = prefix_last and q == len(cf.tokens) - 1
+            needle = " " + tok if is_last_prefix else " " + tok + " "
+            match[:, q] = np.strings.find(padded, needle) >= 0
+        dense[:, 3] = np.strings.startswith(names, query)
+        dense[:, 4] = names == query
+        dense[:, 5] = match.mean(axis=1)
+        dense[:, 6] = match[:, -1]
+        doc_len = text.name_n_tokens[cand][:, None]
+        norm = BM25_K1 * (1 - BM25_B + BM25_B * doc_len / text.avg_tokens)
+        dense[:, 7] = (cf.idfs[None, :] * match * (BM25_K1 + 1) / (match + norm)).sum(axis=1)
+        if len(cf.trigrams):
+            shared = np.isin(text.name_trigrams[cand], cf.trigrams).sum(axis=1)
+            dense[:, 8] = shared / len(cf.trigrams)
+
+    def _engagement_features(
+        self, cf: ContextFeatures, cand: np.ndarray, dense: np.ndarray
+    ) -> None:
+        tables = self.tables
+        prior = float(tables.prior_ctr)
+        if cf.query_row >= 0:
+            lo, hi = tables.query_indptr[cf.query_row], tables.query_indptr[cf.query_row + 1]
+            pos, imp = _sparse_row_lookup(
+                tables.query_targets[lo:hi],
+                (tables.query_pos[lo:hi], tables.query_imp[lo:hi]),
+                cand,
+            )
+            dense[:, 9] = np.log1p(pos)
+            dense[:, 10] = (pos + CTR_SMOOTHING * prior) / (imp + CTR_SMOOTHING)
+        else:
+            dense[:, 10] = prior
+        if cf.source_index >= 0:
+            targets, counts = tables.co_engaged(cf.source_index)
+            (co,) = _sparse_row_lookup(targets, (counts,), cand)
+            dense[:, 11] = np.log1p(co)
+            dense[:, 12] = co / max(float(counts.sum()), 1.0)
+            linked = self.catalogue.linked(cf.source_index)
+            if len(linked):
+                dense[:, 13] = np.isin(cand, linked)
+
+
+def _sparse_row_lookup(
+    keys: np.ndarray, values: tuple[np.ndarray, ...], cand: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """Values at ``cand`` from a sorted sparse row (``keys`` ascending); 0 where absent."""
+    if len(keys) == 0:
+        return tuple(np.zeros(len(cand), dtype=np.float32) for _ in values)
+    pos = np.clip(np.searchsorted(keys, cand), 0, len(keys) - 1)
+    hit = keys[pos] == cand
+    return tuple(np.where(hit, v[pos], 0.0).astype(np.float32) for v in values)

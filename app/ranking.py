@@ -1,0 +1,155 @@
+"""The in-process ranking path: impute -> retrieve -> features -> score -> top-k.
+
+``Ranker.rank`` is what ``POST /rank`` runs on a cache miss and what the offline
+evaluation runs, so the offline figures describe the code that serves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from app.bundle import Bundle
+from app.context import Context, Personalization, impute_context
+from app.errors import InvalidRequest, NotFound
+from app.features import ContextFeatures
+
+Scorer = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class RankQuery:
+    """A validated request, before imputation."""
+
+    task: str
+    user_id: str | None = None
+    query: str | None = None
+    country: str | None = None
+    source_entity_id: str | None = None
+    candidates: tuple[str, ...] | None = None
+    k: int = 20
+    personalization: Personalization = Personalization.CLUSTER
+
+
+@dataclass(frozen=True)
+class RankedItem:
+    entity_id: str
+    score: float
+    name: str
+    entity_type: str
+
+
+@dataclass
+class RankResult:
+    items: list[RankedItem]
+    context: Context
+    personalization: Personalization
+    model_version: str
+    user_cluster: int
+    unknown_candidates: list[str]
+    n_candidates: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+@dataclass
+class PreparedRequest:
+    """A request after imputation, retrieval and features: ready to score."""
+
+    query: RankQuery
+    context_features: ContextFeatures
+    candidates: np.ndarray
+    inputs: dict[str, np.ndarray]
+    unknown_candidates: list[str]
+    timings: dict[str, float]
+
+
+class Ranker:
+    def __init__(self, bundle: Bundle, max_retrieved: int = 300) -> None:
+        if max_retrieved < 1:
+            raise ValueError(f"max_retrieved must be >= 1, got {max_retrieved}")
+        self.bundle = bundle
+        self.max_retrieved = max_retrieved
+
+    @property
+    def model_version(self) -> str:
+        return self.bundle.model_version
+
+    def source_name(self, entity_id: str) -> str | None:
+        i = self.bundle.catalogue.index.get(entity_id)
+        return None if i is None else str(self.bundle.catalogue.display_name[i])
+
+    def context(self, q: RankQuery) -> Context:
+        """Impute the request's context; map rule violations to 4xx domain errors."""
+        try:
+            return impute_context(
+                q.task, q.user_id, q.query, q.country, q.source_entity_id, self.source_name
+            )
+        except LookupError as exc:
+            raise NotFound(str(exc), field="source_entity_id") from exc
+        except ValueError as exc:
+            message = str(exc)
+            field_name = message.split(" ", 1)[0]
+            raise InvalidRequest(message, field=field_name) from exc
+
+    def user_cluster(self, ctx: Context, level: Personalization) -> int:
+        if level is Personalization.NONE:
+            return 0
+        return self.bundle.features.user_cluster(ctx.user_id)
+
+    def prepare(self, q: RankQuery, ctx: Context | None = None) -> PreparedRequest:
+        t0 = time.perf_counter()
+        ctx = ctx or self.context(q)
+        cf = self.bundle.features.context(ctx, q.personalization)
+        unknown: list[str] = []
+        if q.candidates is not None:
+            cand, unknown = self.bundle.catalogue.indices_of(list(q.candidates))
+        else:
+            cand = self.bundle.retriever.retrieve(cf, limit=self.max_retrieved)
+        t1 = time.perf_counter()
+        inputs = self.bundle.features.candidates(cf, cand)
+        t2 = time.perf_counter()
+        return PreparedRequest(
+            q, cf, cand, inputs, unknown, {"retrieval": t1 - t0, "features": t2 - t1}
+        )
+
+    def finish(self, prepared: PreparedRequest, scores: np.ndarray) -> RankResult:
+        q, cand = prepared.query, prepared.candidates
+        k = min(q.k, len(cand))
+        top = np.argpartition(-scores, k - 1)[:k] if k < len(cand) else np.arange(len(cand))
+        # Ties broken by entity index so the order is deterministic.
+        top = top[np.lexsort((cand[top], -scores[top]))]
+        catalogue = self.bundle.catalogue
+        items = [
+            RankedItem(
+                entity_id=str(catalogue.entity_id[cand[i]]),
+                score=float(scores[i]),
+                name=str(catalogue.display_name[cand[i]]),
+                entity_type=str(catalogue.entity_type[cand[i]]),
+            )
+            for i in top.tolist()
+        ]
+        ctx = prepared.context_features.context
+        return RankResult(
+            items=items,
+            context=ctx,
+            personalization=q.personalization,
+            model_version=self.model_version,
+            user_cluster=prepared.context_features.cluster,
+            unknown_candidates=prepared.unknown_candidates,
+            n_candidates=len(cand),
+            timings=prepared.timings,
+        )
+
+    def rank(self, q: RankQuery, scorer: Scorer | None = None) -> RankResult:
+        """The whole path in the calling thread (``scorer`` defaults to the bundle's)."""
+        prepared = self.prepare(q)
+        t0 = time.perf_counter()
+        if len(prepared.candidates):
+            scores = (scorer or self.bundle.scorer.score)(prepared.inputs)
+        else:
+            scores = np.zeros(0, dtype=np.float32)
+        prepared.timings["inference"] = time.perf_counter() - t0
+        return self.finish(prepared, scores)

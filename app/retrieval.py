@@ -1,0 +1,122 @@
+"""Candidate retrieval: which entities the ranker scores when the request names none.
+
+- search: the name index answers every keystroke: whole query tokens, the last token as a
+  prefix, and character trigrams for typos; first-stage score = matched tokens + trigram
+  containment + a little popularity.
+- more_like_this: co-engaged targets of the source, then nearest neighbours in the
+  pre-trained item space.
+- entity: the videos linked to the entity (genre members, a person's films...), then
+  co-engaged targets.
+- prequery: personalised popularity: country popularity, plus the user's cluster
+  (``cluster``) and the user's own vector (``full``).
+
+Every task keeps only rankable entities available in the request's country, never the
+source itself, and tops up with country-popular entities so the ranker always has a slate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from app.context import Task
+from app.features import ContextFeatures, FeatureBuilder
+
+NEIGHBOURS_FROM_VECTORS = 100
+
+
+class CandidateRetriever:
+    def __init__(self, features: FeatureBuilder) -> None:
+        self.features = features
+        self.text = features.text
+        self.tables = features.tables
+        self.catalogue = features.catalogue
+        self.item_unit = self.tables.item_vec / np.maximum(
+            np.linalg.norm(self.tables.item_vec, axis=1, keepdims=True), 1e-9
+        )
+        # Country availability per country_pos row; row 0 (unknown country) = everything.
+        self.allowed = np.stack(
+            [self.catalogue.rankable]
+            + [self.catalogue.available_in(c) for c in self.catalogue.country_names]
+        )
+        if self.allowed.shape[0] != self.tables.country_pos.shape[0]:
+            raise ValueError(
+                f"feature tables have {self.tables.country_pos.shape[0]} country rows, "
+                f"the catalogue needs {self.allowed.shape[0]}"
+            )
+
+    def retrieve(self, cf: ContextFeatures, limit: int) -> np.ndarray:
+        """Up to ``limit`` candidate entity indices (int64), best first-stage score first."""
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        allowed = self.allowed[cf.country_row].copy()
+        if cf.source_index >= 0:
+            allowed[cf.source_index] = False
+        task = cf.context.task
+        if task is Task.SEARCH:
+            score = self._search_scores(cf)
+        elif task is Task.MORE_LIKE_THIS:
+            score = self._similar_scores(cf)
+        elif task is Task.ENTITY:
+            score = self._entity_scores(cf)
+        else:
+            score = self._prequery_scores(cf)
+        return self._top(score, allowed, limit, cf.country_row)
+
+    def _top(self, score: np.ndarray, allowed: np.ndarray, limit: int, country: int) -> np.ndarray:
+        score = np.where(allowed, score, -np.inf)
+        hits = np.flatnonzero(score > 0)
+        if len(hits) > limit:
+            hits = hits[np.argpartition(-score[hits], limit - 1)[:limit]]
+        hits = hits[np.argsort(-score[hits], kind="stable")]
+        if len(hits) < limit:  # top up with what is popular in the country
+            pop = np.where(allowed, self.features.country_pop_log[country] + 1e-3, -np.inf)
+            pop[hits] = -np.inf
+            n_fill = min(limit - len(hits), int(np.isfinite(pop).sum()))
+            if n_fill > 0:
+                fill = np.argpartition(-pop, n_fill - 1)[:n_fill]
+                fill = fill[np.argsort(-pop[fill], kind="stable")]
+                hits = np.concatenate([hits, fill])
+        return hits.astype(np.int64)
+
+    def _search_scores(self, cf: ContextFeatures) -> np.ndarray:
+        n = self.features.n_entities
+        parts = [
+            self.text.postings(tok, prefix=(i == len(cf.tokens) - 1))
+            for i, tok in enumerate(cf.tokens)
+        ]
+        token_hits = np.bincount(np.concatenate(parts), minlength=n) if parts else np.zeros(n)
+        tri_hits = np.bincount(self.text.trigram_postings(cf.trigrams), minlength=n)
+        containment = tri_hits / max(len(cf.trigrams), 1)
+        # Typo tolerance: a name sharing most of the query's trigrams counts even when no
+        # token matched; weak trigram overlap alone does not.
+        fuzzy = np.where(containment >= 0.5, containment, 0.0)
+        relevant = (token_hits > 0) | (fuzzy > 0)
+        pop = self.features.pop_log / max(float(self.features.pop_log.max()), 1.0)
+        return np.where(relevant, token_hits + fuzzy + 0.1 * pop, 0.0)
+
+    def _similar_scores(self, cf: ContextFeatures) -> np.ndarray:
+        n = self.features.n_entities
+        score = np.zeros(n)
+        targets, counts = self.tables.co_engaged(cf.source_index)
+        score[targets] = 2.0 + np.log1p(counts)
+        sims = self.item_unit @ self.item_unit[cf.source_index]
+        k = min(NEIGHBOURS_FROM_VECTORS, n)
+        near = np.argpartition(-sims, k - 1)[:k]
+        score[near] = np.maximum(score[near], 1.0 + np.clip(sims[near], 0.0, 1.0))
+        return score
+
+    def _entity_scores(self, cf: ContextFeatures) -> np.ndarray:
+        score = np.zeros(self.features.n_entities)
+        targets, counts = self.tables.co_engaged(cf.source_index)
+        score[targets] = 1.0 + np.log1p(counts)
+        linked = self.catalogue.linked(cf.source_index)
+        score[linked] += 2.0 + self.features.pop_log[linked] / 100.0
+        return score
+
+    def _prequery_scores(self, cf: ContextFeatures) -> np.ndarray:
+        score = 1.0 + self.features.country_pop_log[cf.country_row].astype(np.float64)
+        if cf.cluster > 0:
+            score = score + 2.0 * self.features.cluster_pop_log[cf.cluster]
+        if cf.user_vec.any():
+            score = score + 5.0 * np.clip(self.tables.item_vec @ cf.user_vec[0], 0.0, None)
+        return score
