@@ -18,6 +18,28 @@ class UnicornError(Exception):
         return f"{self.field}: {self.message}" if self.field else self.message
 
 
+class MalformedRequest(UnicornError):
+    """The body could not be parsed at all (not JSON)."""
+
+    status_code = 400
+    code = "malformed_request"
+
+
+class Unauthorized(UnicornError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class Forbidden(UnicornError):
+    status_code = 403
+    code = "forbidden"
+
+
+class PayloadTooLarge(UnicornError):
+    status_code = 413
+    code = "payload_too_large"
+
+
 class InvalidRequest(UnicornError):
     status_code = 422
     code = "invalid_request"

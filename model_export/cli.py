@@ -102,10 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("serve", help="serve a bundle over HTTP (settings: UNICORN_* env vars)")
-    p.add_argument("--bundle", type=Path, default=None, help="bundle directory (UNICORN_BUNDLE)")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None)
+    from app.server import add_serve_arguments
+
+    add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
     return parser
 

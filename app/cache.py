@@ -1,0 +1,367 @@
+"""The result cache of ``POST /rank``: in-process LRU+TTL by default, Redis when shared.
+
+Only ``none`` and ``cluster`` results are cached: they depend on the request's context
+and the user's CLUSTER, never on the user, so every member of a cluster may share them.
+``full`` results are per user and bypass the cache (``cache_key`` still keys them by the
+user id, so even a future caller that stored them could not serve one user's list to
+another).
+
+A failing cache never fails a request: ``ClusterCache.get``/``set`` catch every error,
+count it in ``unicorn_cache_errors_total``, open a circuit breaker (requests bypass the
+cache for ``cache_retry_seconds``, ``unicorn_cache_degraded`` = 1) and then let ONE request
+probe the backend again; a success closes the breaker, so the service recovers by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import orjson
+
+from app.context import Personalization
+from app.metrics import ServiceMetrics
+
+logger = logging.getLogger("unicorn.cache")
+
+KEY_PREFIX = "unicorn:rank:"
+OPERATIONS: tuple[str, ...] = ("get", "set", "ping", "decode")
+KEY_SCHEMA = 1  # bump when the key layout changes, so old entries are never misread
+CacheOutcome = Literal["hit", "miss", "bypass"]
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKeyParts:
+    """Everything that changes a ranking result.
+
+    ``query`` is the normalised (or imputed) query and ``country`` the imputed country,
+    so requests that impute to the same context share an entry. ``candidates`` is the
+    request's id list (``None`` when the service retrieves; then ``retrieval_limit``
+    matters). ``user_id`` must be set for ``full`` and only for ``full``.
+    """
+
+    model_version: str
+    task: str
+    query: str
+    country: str
+    user_cluster: int
+    source_entity_id: str
+    candidates: tuple[str, ...] | None
+    retrieval_limit: int
+    k: int
+    personalization: Personalization
+    user_id: str | None = None
+
+
+def cache_key(parts: CacheKeyParts) -> str:
+    """A collision-free key: the parts serialised as one JSON array (no separator can be
+    forged inside a string), hashed with blake2b-160.
+
+    Candidate order does not change a ranking (ties break by entity, scores are per row)
+    and duplicates are dropped before scoring, so the candidate SET is keyed.
+    """
+    level = Personalization(parts.personalization)
+    if level is Personalization.FULL and not parts.user_id:
+        raise ValueError("user_id is required in the cache key of a full-personalization result")
+    if level is not Personalization.FULL and parts.user_id is not None:
+        raise ValueError(
+            f"user_id must be None for personalization {level.value}: those results are "
+            f"shared by every user of a cluster"
+        )
+    if parts.candidates is None:
+        candidates: object = ["retrieved", parts.retrieval_limit]
+    else:
+        candidates = ["given", sorted(set(parts.candidates))]
+    payload = orjson.dumps(
+        [
+            KEY_SCHEMA,
+            parts.model_version,
+            parts.task,
+            parts.query,
+            parts.country,
+            parts.user_cluster,
+            parts.source_entity_id,
+            candidates,
+            parts.k,
+            level.value,
+            parts.user_id,
+        ]
+    )
+    return KEY_PREFIX + hashlib.blake2b(payload, digest_size=20).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheRead:
+    outcome: CacheOutcome
+    value: bytes | None = None
+
+
+MISS = CacheRead("miss")
+BYPASS = CacheRead("bypass")
+
+
+class CircuitBreaker:
+    """Closed (use the backend) -> open after a failure (skip it for ``retry_seconds``) ->
+    one probe allowed -> closed on success, open again on failure."""
+
+    def __init__(self, retry_seconds: float, clock: Clock = time.monotonic) -> None:
+        if retry_seconds <= 0:
+            raise ValueError(f"retry_seconds must be > 0, got {retry_seconds}")
+        self.retry_seconds = retry_seconds
+        self.clock = clock
+        self._open_until: float | None = None
+        self._probing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._open_until is not None
+
+    def allow(self) -> bool:
+        """May this call use the backend? While open, only one probe after the pause."""
+        if self._open_until is None:
+            return True
+        if self._probing or self.clock() < self._open_until:
+            return False
+        self._probing = True
+        return True
+
+    def record_success(self) -> bool:
+        """Close; True when this closed an open breaker (the backend recovered)."""
+        recovered = self._open_until is not None
+        self._open_until, self._probing = None, False
+        return recovered
+
+    def record_failure(self) -> bool:
+        """(Re)open for ``retry_seconds``; True when this opened a closed breaker."""
+        opened = self._open_until is None
+        self._open_until, self._probing = self.clock() + self.retry_seconds, False
+        return opened
+
+
+class ClusterCache(ABC):
+    """A bytes -> bytes store with a TTL, wrapped in the never-fail + breaker policy.
+
+    Subclasses implement the raw ``_get``/``_set``/``_ping``; they may raise anything.
+    """
+
+    backend: ClassVar[str]
+
+    def __init__(
+        self,
+        ttl_seconds: float,
+        retry_seconds: float,
+        metrics: ServiceMetrics | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if ttl_seconds <= 0:
+            raise ValueError(f"ttl_seconds must be > 0, got {ttl_seconds}")
+        self.ttl_seconds = ttl_seconds
+        self.metrics = metrics
+        self.breaker = CircuitBreaker(retry_seconds, clock)
+        if metrics is not None:  # zero series, so rate() and alerts see them from the start
+            for operation in OPERATIONS:
+                metrics.cache_errors.labels(self.backend, operation)
+            metrics.cache_degraded.set(0)
+
+    @property
+    def degraded(self) -> bool:
+        return self.breaker.is_open
+
+    async def get(self, key: str) -> CacheRead:
+        """``hit`` with the value, ``miss``, or ``bypass`` when the cache is unusable."""
+        if not self.breaker.allow():
+            return BYPASS
+        try:
+            value = await self._get(key)
+        except Exception as exc:  # any failure of the cache means "score instead"
+            self._failed("get", exc)
+            return BYPASS
+        self._succeeded()
+        return MISS if value is None else CacheRead("hit", value)
+
+    async def set(self, key: str, value: bytes) -> bool:
+        """Store ``value``; False (never an exception) when the cache is unusable."""
+        if not self.breaker.allow():
+            return False
+        try:
+            await self._set(key, value)
+        except Exception as exc:
+            self._failed("set", exc)
+            return False
+        self._succeeded()
+        return True
+
+    async def check(self) -> bool:
+        """Readiness probe: True when the backend answers (a probe counts like a request)."""
+        if not self.breaker.allow():
+            return False
+        try:
+            await self._ping()
+        except Exception as exc:
+            self._failed("ping", exc)
+            return False
+        self._succeeded()
+        return True
+
+    def record_error(self, operation: str, exc: BaseException) -> None:
+        """A failure seen by the caller (e.g. an undecodable value): count it and open."""
+        self._failed(operation, exc)
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        if self.metrics is not None:
+            self.metrics.cache_errors.labels(self.backend, operation).inc()
+        if self.breaker.record_failure():
+            logger.warning(
+                "cache %s %s failed (%s: %s); bypassing it for %.1fs",
+                self.backend,
+                operation,
+                type(exc).__name__,
+                exc,
+                self.breaker.retry_seconds,
+            )
+            if self.metrics is not None:
+                self.metrics.cache_degraded.set(1)
+
+    def _succeeded(self) -> None:
+        if self.breaker.record_success():
+            logger.warning("cache %s recovered", self.backend)
+            if self.metrics is not None:
+                self.metrics.cache_degraded.set(0)
+
+    @abstractmethod
+    async def _get(self, key: str) -> bytes | None: ...
+
+    @abstractmethod
+    async def _set(self, key: str, value: bytes) -> None: ...
+
+    @abstractmethod
+    async def _ping(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+class InProcessCache(ClusterCache):
+    """LRU bounded by ``max_entries``, each entry expiring ``ttl_seconds`` after its write.
+
+    A lock (held for a dict operation only) makes it safe from threads as well as tasks.
+    """
+
+    backend = "memory"
+
+    def __init__(
+        self,
+        max_entries: int,
+        ttl_seconds: float,
+        retry_seconds: float = 1.0,
+        metrics: ServiceMetrics | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        super().__init__(ttl_seconds, retry_seconds, metrics, clock)
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self.clock = clock
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def _get(self, key: str) -> bytes | None:
+        now = self.clock()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if entry[0] <= now:
+                del self._entries[key]
+                return None
+            self._entries.move_to_end(key)
+            return entry[1]
+
+    async def _set(self, key: str, value: bytes) -> None:
+        expires = self.clock() + self.ttl_seconds
+        with self._lock:
+            self._entries[key] = (expires, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    async def _ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+class RedisCache(ClusterCache):
+    """Redis (``redis.asyncio`` + hiredis) shared by every replica; values expire by TTL.
+
+    Connect and socket timeouts are ``timeout_seconds``, redis-py's own retries are off
+    and every call also runs under ``asyncio.timeout``: a stalled Redis costs a request at
+    most ``timeout_seconds`` once, and nothing while the breaker is open.
+    """
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        ttl_seconds: float,
+        timeout_seconds: float,
+        retry_seconds: float,
+        max_connections: int = 64,
+        metrics: ServiceMetrics | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        super().__init__(ttl_seconds, retry_seconds, metrics, clock)
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        if timeout_seconds <= 0:
+            raise ValueError(f"timeout_seconds must be > 0, got {timeout_seconds}")
+        self.timeout_seconds = timeout_seconds
+        self._ttl_ms = max(int(ttl_seconds * 1000), 1)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_seconds,  # waiting for a free pooled connection
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self.client = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+
+    async def _get(self, key: str) -> bytes | None:
+        async with asyncio.timeout(self.timeout_seconds):
+            value = await self.client.get(key)
+        if value is None:
+            return None
+        return value if isinstance(value, bytes) else str(value).encode()
+
+    async def _set(self, key: str, value: bytes) -> None:
+        async with asyncio.timeout(self.timeout_seconds):
+            await self.client.set(key, value, px=self._ttl_ms)
+
+    async def _ping(self) -> None:
+        async with asyncio.timeout(self.timeout_seconds):
+            await self.client.ping()
+
+    async def close(self) -> None:
+        try:
+            await self.client.aclose()
+        except Exception as exc:  # closing a dead connection must not fail shutdown
+            logger.debug("closing redis failed: %s", exc)

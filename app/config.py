@@ -1,0 +1,209 @@
+"""Service settings: ONE pydantic-settings class, environment variables prefixed ``UNICORN_``.
+
+Every knob an operator may turn is a field here, with its default and why. Build one with
+``Settings()`` (reads the environment), or pass values directly in tests:
+``create_app(Settings(bundle=path, redis_url=None))``. ``docs/API.md`` lists them all.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "UNICORN_"
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+MIN_ADMIN_TOKEN_CHARS = 16
+CacheBackend = Literal["memory", "redis", "off"]
+
+
+class Settings(BaseSettings):
+    """All service settings; each field is read from ``UNICORN_<FIELD>`` (case-insensitive)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_default=True,
+        frozen=True,
+        hide_input_in_errors=True,  # secrets (admin_token) must not reach logs via errors
+    )
+
+    # --- model ------------------------------------------------------------------------
+    bundle: Path = Field(
+        default=Path("bundles/demo"),
+        description="Bundle directory served at start and by SIGHUP / a bodiless reload.",
+    )
+    ort_intra_op_threads: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="onnxruntime intra-op threads per session; 1 = one core per inference, "
+        "more cores are used through more workers.",
+    )
+    ort_inter_op_threads: int = Field(
+        default=1, ge=1, le=64, description="onnxruntime inter-op threads."
+    )
+
+    # --- request limits -------------------------------------------------------------------
+    max_query_chars: int = Field(
+        default=200, ge=1, le=10_000, description="Longest accepted query."
+    )
+    max_candidates: int = Field(
+        default=1000, ge=1, le=100_000, description="Most candidate ids one request may send."
+    )
+    max_retrieved: int = Field(
+        default=300,
+        ge=1,
+        le=100_000,
+        description="Candidates the service retrieves itself when a request names none.",
+    )
+    max_body_bytes: int = Field(
+        default=256 * 1024, ge=1024, description="Largest request body; larger gets 413."
+    )
+
+    # --- admission control ----------------------------------------------------------------
+    max_in_flight: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="Requests allowed in the scoring section at once (cache hits skip it).",
+    )
+    queue_timeout_ms: float = Field(
+        default=100.0,
+        ge=0.0,
+        le=60_000.0,
+        description="Wait at most this long for a scoring slot, then 503 + Retry-After.",
+    )
+
+    # --- micro-batching -------------------------------------------------------------------
+    batch_window_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1000.0,
+        description="Collect concurrent requests for up to this long into one onnxruntime "
+        "run; 0 = off (each request runs its own inference).",
+    )
+    max_batch_size: int = Field(
+        default=4096, ge=1, le=1_000_000, description="Most candidate rows in one onnxruntime run."
+    )
+
+    # --- cache ------------------------------------------------------------------------
+    cache_enabled: bool = Field(
+        default=True, description="False: every request is scored (bypass)."
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="redis://host:port/db shared by replicas; unset = in-process LRU+TTL cache.",
+    )
+    cache_ttl_seconds: float = Field(
+        default=300.0, gt=0.0, le=86_400.0, description="Entry lifetime."
+    )
+    cache_max_entries: int = Field(
+        default=50_000, ge=1, le=10_000_000, description="In-process cache bound (LRU beyond it)."
+    )
+    cache_timeout_ms: float = Field(
+        default=50.0,
+        gt=0.0,
+        le=10_000.0,
+        description="Redis connect/socket timeout: a stalled Redis costs a request at most this.",
+    )
+    cache_retry_seconds: float = Field(
+        default=5.0,
+        gt=0.0,
+        le=3600.0,
+        description="Circuit breaker: after a Redis error skip Redis this long, then retry.",
+    )
+    cache_max_connections: int = Field(default=64, ge=1, le=10_000, description="Redis pool size.")
+
+    # --- admin, logs, process -----------------------------------------------------------
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description=f"Bearer token for /admin/*; unset = admin endpoints disabled (404). At "
+        f"least {MIN_ADMIN_TOKEN_CHARS} characters.",
+    )
+    log_level: str = Field(default="INFO", description=f"One of {', '.join(LOG_LEVELS)}.")
+    log_queries: bool = Field(
+        default=False, description="True: access logs carry the raw query text. Off by default."
+    )
+    log_user_salt: SecretStr | None = Field(
+        default=None,
+        description="Key of the user-id hash in access logs; set the same value on every "
+        "replica to follow a user across them. Unset = random per process.",
+    )
+    host: str = Field(default="127.0.0.1", description="Interface to bind.")
+    port: int = Field(default=8000, ge=1, le=65_535, description="TCP port.")
+    workers: int = Field(default=1, ge=1, le=256, description="uvicorn worker processes.")
+    metrics_dir: Path | None = Field(
+        default=None,
+        description="PROMETHEUS_MULTIPROC_DIR for workers > 1; unset = a fresh temp dir.",
+    )
+
+    @field_validator("bundle", "metrics_dir", mode="after")
+    @classmethod
+    def _expand_path(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _check_redis_url(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if not isinstance(value, str) or not value.startswith(REDIS_SCHEMES):
+            raise ValueError(f"redis_url must start with one of {REDIS_SCHEMES}, got {value!r}")
+        return value.strip()
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _check_admin_token(cls, value: Any) -> Any:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        if not isinstance(raw, str) or len(raw.strip()) < MIN_ADMIN_TOKEN_CHARS:
+            # Never echo the token itself.
+            raise ValueError(f"admin_token must have at least {MIN_ADMIN_TOKEN_CHARS} characters")
+        return raw.strip()
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _check_log_level(cls, value: Any) -> Any:
+        level = str(value).strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {value!r}")
+        return level
+
+    @model_validator(mode="after")
+    def _check_batch_fits_requests(self) -> Settings:
+        largest = max(self.max_candidates, self.max_retrieved)
+        if self.max_batch_size < largest:
+            raise ValueError(
+                f"max_batch_size ({self.max_batch_size}) must be >= the largest request "
+                f"(max_candidates / max_retrieved = {largest}) so one request fits one batch"
+            )
+        return self
+
+    @property
+    def cache_backend(self) -> CacheBackend:
+        """``redis``, ``memory`` or ``off``: the cache this configuration runs."""
+        if not self.cache_enabled:
+            return "off"
+        return "redis" if self.redis_url else "memory"
+
+    @property
+    def log_level_number(self) -> int:
+        return int(logging.getLevelName(self.log_level))
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as ``UNICORN_*`` variables: how worker processes receive them."""
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+        return env

@@ -1,0 +1,94 @@
+"""The FastAPI application: ``create_app(settings)`` builds it, its lifespan loads the model
+and opens the cache, and closes both. Nothing heavy happens at import time.
+
+Run it with ``unicorn serve`` (see ``app.server``), or any ASGI server:
+``uvicorn --factory app.main:create_app`` (settings from ``UNICORN_*`` variables).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from app.access_log import AccessLogMiddleware
+from app.api import ROUTE_PATHS, api_router, install_error_handlers
+from app.body_limit import BodySizeLimitMiddleware
+from app.config import Settings
+from app.errors import BundleError
+from app.metrics import ServiceMetrics
+from app.service import RankingService, open_cache
+
+logger = logging.getLogger("unicorn.main")
+
+API_VERSION = "1"
+
+
+class StartupError(RuntimeError):
+    """The service cannot start (the configured bundle is refused)."""
+
+
+async def _warm_routes(app: FastAPI) -> None:
+    """Route an unknown path through the router once (no middleware: no metrics, no log
+    line), so FastAPI builds its lazily compiled routes now rather than on the first
+    client request (tens of milliseconds)."""
+    scope: dict[str, Any] = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": "/__warm-up__", "raw_path": b"/__warm-up__",
+        "root_path": "", "query_string": b"", "headers": [], "state": {},
+        "server": ("127.0.0.1", 0), "client": ("127.0.0.1", 0),
+    }  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(_message: Any) -> None:
+        return None
+
+    try:
+        await app.router(scope, receive, send)
+    except Exception as exc:  # a warm-up must never stop the service from starting
+        logger.debug("route warm-up failed: %s", exc)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The ranking app for ``settings`` (default: from the environment)."""
+    settings = settings or Settings()
+    metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = RankingService(settings, metrics, open_cache(settings, metrics))
+        try:
+            await service.start()
+        except BundleError as exc:
+            await service.close()
+            logger.critical("cannot start: bundle %s is refused: %s", settings.bundle, exc.message)
+            raise StartupError(
+                f"cannot start: bundle {settings.bundle} is refused: {exc.message}"
+            ) from None
+        app.state.service = service
+        await _warm_routes(app)
+        try:
+            yield
+        finally:
+            await service.close()
+
+    app = FastAPI(
+        title="UniCoRn ranking service",
+        version=API_VERSION,
+        summary="One deep model ranks search and recommendations (Netflix UniCoRn, RecSys 2024).",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.service = None  # set by the lifespan once the model is loaded
+    app.include_router(api_router)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics, known_paths=ROUTE_PATHS)
+    return app

@@ -1,0 +1,150 @@
+"""Prometheus metrics of the ranking service: the names dashboards and alerts are built on.
+
+One ``ServiceMetrics`` per app, each in its own registry, so tests can run several apps in
+one process. With several uvicorn workers ``unicorn serve`` sets ``PROMETHEUS_MULTIPROC_DIR``
+before any worker imports ``prometheus_client``; every worker then writes its values to
+that directory and ``render`` aggregates them (``multiprocess_mode`` says how per gauge).
+
+Labels are bounded enums only (task, personalization level, cache outcome, stage, route
+template, status code, model version): never a user id or query text.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Fine below 5 ms so that a p99 near 1 ms can be read; coarse above.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075,
+    0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+BATCH_ROWS_BUCKETS: tuple[float, ...] = (
+    1, 5, 10, 20, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 4096, 8192,
+)  # fmt: skip
+CANDIDATE_BUCKETS: tuple[float, ...] = (0, 1, 5, 10, 20, 50, 100, 200, 300, 500, 750, 1000)
+STAGES: tuple[str, ...] = ("retrieval", "features", "inference", "cache")
+CACHE_OUTCOMES: tuple[str, ...] = ("hit", "miss", "bypass")
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+class ServiceMetrics:
+    """Every metric the service exports (see docs/API.md, "Metrics")."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.rank_latency = Histogram(
+            "unicorn_rank_latency_seconds",
+            "POST /rank handling time (body parse to response body), by outcome.",
+            ["task", "personalization", "cache"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_latency = Histogram(
+            "unicorn_stage_latency_seconds",
+            "Time per ranking stage: retrieval, features, inference, cache (get + set).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_batch_size = Histogram(
+            "unicorn_inference_batch_size",
+            "Candidate rows per onnxruntime run (several requests when micro-batching).",
+            buckets=BATCH_ROWS_BUCKETS,
+            registry=r,
+        )
+        self.candidates_per_request = Histogram(
+            "unicorn_candidates_per_request",
+            "Candidates scored per request (cache misses and bypasses).",
+            buckets=CANDIDATE_BUCKETS,
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "unicorn_cache_requests_total",
+            "Ranking requests by cache outcome: hit, miss, bypass (full personalization, "
+            "cache off or degraded).",
+            ["outcome"],
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "unicorn_cache_errors_total",
+            "Cache operations that failed (the request was scored instead).",
+            ["backend", "operation"],
+            registry=r,
+        )
+        self.cache_degraded = Gauge(
+            "unicorn_cache_degraded",
+            "1 while the cache circuit breaker is open (requests skip the cache).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.responses = Counter(
+            "unicorn_responses_total",
+            "HTTP responses by route template and status code.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "unicorn_in_flight_requests",
+            "Requests inside the scoring section now (admitted; at most max_in_flight).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.shed = Counter(
+            "unicorn_shed_requests_total",
+            "Requests refused with 503 by admission control (no scoring slot in time).",
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "unicorn_model_info",
+            "1 for the model version this process serves, 0 for versions it served before.",
+            ["model_version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.model_reloads = Counter(
+            "unicorn_model_reloads_total",
+            "Model reloads by result: ok, refused (the old model kept serving).",
+            ["result"],
+            registry=r,
+        )
+        for stage in STAGES:  # export zeros so dashboards and rate() see every series
+            self.stage_latency.labels(stage)
+        for outcome in CACHE_OUTCOMES:
+            self.cache_requests.labels(outcome)
+        for result in ("ok", "refused"):
+            self.model_reloads.labels(result)
+
+    def set_model(self, version: str, previous: str | None = None) -> None:
+        if previous is not None and previous != version:
+            self.model_info.labels(previous).set(0)
+        self.model_info.labels(version).set(1)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text: this app's registry, or every worker's when multiprocess."""
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            prom_multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    @staticmethod
+    def mark_process_dead(pid: int) -> None:
+        """Drop a finished worker's live gauges (multiprocess mode only)."""
+        if multiprocess_dir():
+            prom_multiprocess.mark_process_dead(pid)

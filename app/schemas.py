@@ -1,0 +1,210 @@
+"""Wire schemas of the HTTP API (pydantic), separate from the internal types in
+``app.ranking``. Everything here holds plain JSON types: numpy never reaches a response.
+
+Unknown fields in a request body are REJECTED (422 naming the field): a misspelled
+optional field (``candidate``, ``personalisation``) would otherwise be ignored silently
+and the client would get a different ranking than it asked for.
+
+Limits an operator may change (query length, candidate count) come from ``Settings`` and
+reach the validators through the validation context (``RankLimits``); the contract's fixed
+rules (tasks, k in 1..200, personalization levels) are static.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
+
+from app.config import CacheBackend
+from app.context import Personalization, Task
+
+TaskName = Literal["search", "prequery", "more_like_this", "entity"]
+PersonalizationName = Literal["none", "cluster", "full"]
+CacheOutcomeName = Literal["hit", "miss", "bypass"]
+CacheState = Literal["ok", "degraded", "off"]
+if get_args(TaskName) != tuple(t.value for t in Task) or get_args(PersonalizationName) != tuple(
+    p.value for p in Personalization
+):
+    raise ImportError("app.schemas is out of step with app.context (tasks or levels)")
+
+K_MIN, K_MAX, K_DEFAULT = 1, 200, 20
+MAX_ID_CHARS = 128
+MAX_COUNTRY_CHARS = 16
+SAMPLE_MAX = 1000
+
+EntityId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
+
+
+@dataclass(frozen=True)
+class RankLimits:
+    """The configurable request limits, passed as the pydantic validation context."""
+
+    max_query_chars: int = 200
+    max_candidates: int = 1000
+
+
+def _limits(info: ValidationInfo) -> RankLimits:
+    return info.context if isinstance(info.context, RankLimits) else RankLimits()
+
+
+class RankRequest(BaseModel):
+    """The unified context of one ranking request (DESIGN.md, "HTTP API")."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "task": "search",
+                    "user_id": "u42",
+                    "query": "stra",
+                    "country": "US",
+                    "k": 10,
+                    "personalization": "cluster",
+                },
+                {"task": "more_like_this", "source_entity_id": "v123", "k": 10},
+            ]
+        },
+    )
+
+    task: TaskName = Field(description="Product surface.")
+    user_id: str | None = Field(
+        default=None,
+        max_length=MAX_ID_CHARS,
+        description="Member id; absent or unknown = cold start (not an error).",
+    )
+    query: str | None = Field(
+        default=None,
+        description="What was typed (required for search; may be a prefix). At most "
+        "max_query_chars characters (default 200).",
+    )
+    country: str | None = Field(
+        default=None,
+        max_length=MAX_COUNTRY_CHARS,
+        description="ISO country code; absent = unknown.",
+    )
+    source_entity_id: str | None = Field(
+        default=None,
+        max_length=MAX_ID_CHARS,
+        description="The page's entity; required for more_like_this and entity.",
+    )
+    candidates: list[EntityId] | None = Field(
+        default=None,
+        description="Entity ids to rank; absent = the service retrieves candidates. "
+        "At most max_candidates ids (default 1000); unknown ids are dropped and listed.",
+    )
+    k: int = Field(
+        default=K_DEFAULT, ge=K_MIN, le=K_MAX, strict=True, description="Items to return."
+    )
+    personalization: PersonalizationName = Field(
+        default="cluster",
+        description="none | cluster (shared, cached) | full (per user, not cached).",
+    )
+
+    @field_validator("query")
+    @classmethod
+    def _query_length(cls, value: str | None, info: ValidationInfo) -> str | None:
+        limit = _limits(info).max_query_chars
+        if value is not None and len(value) > limit:
+            raise ValueError(f"query must be at most {limit} characters, got {len(value)}")
+        return value
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidate_count(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        limit = _limits(info).max_candidates
+        if value is not None and len(value) > limit:
+            raise ValueError(f"candidates must hold at most {limit} ids, got {len(value)}")
+        return value
+
+
+class RankedItemOut(BaseModel):
+    entity_id: str
+    score: float = Field(description="P(positive engagement | context, entity), 0..1.")
+    name: str
+    entity_type: str
+
+
+class ContextOut(BaseModel):
+    """The context after imputation: what the model actually saw."""
+
+    task: TaskName
+    user_id: str
+    query: str
+    country: str
+    source_entity_id: str
+    query_imputed: bool
+
+
+class RankResponse(BaseModel):
+    items: list[RankedItemOut]
+    task: TaskName
+    model_version: str
+    personalization: PersonalizationName
+    cache: CacheOutcomeName
+    context: ContextOut
+    unknown_candidates: list[str]
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. invalid_request.")
+    message: str = Field(description="Names the field and the rule that was broken.")
+    field: str | None = Field(default=None, description="The offending field, when there is one.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready", "not_ready"]
+    model_version: str | None
+    cache: CacheState
+    cache_backend: CacheBackend
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="Bundle directory to load; absent = the configured bundle path.",
+    )
+
+
+class ReloadResponse(BaseModel):
+    model_version: str
+    previous_model_version: str
+    bundle: str
+    seconds: float
+
+
+class CatalogueSample(BaseModel):
+    """Draws from the served bundle, for load tests."""
+
+    model_version: str
+    queries: list[str] = Field(description="Search queries users typed (prefixes included).")
+    video_ids: list[str] = Field(description="Rankable entities (sources for more_like_this).")
+    entity_ids: list[str] = Field(description="Non-video entities (sources for entity pages).")
+    countries: list[str]
+
+
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    """The JSON of every error response: ``{"error": {"code", "message", "field"}}``."""
+    return {"error": {"code": code, "message": message, "field": field}}

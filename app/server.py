@@ -1,0 +1,145 @@
+"""``unicorn serve``: run the service with uvicorn (uvloop + httptools).
+
+    unicorn serve --bundle bundles/demo --port 8000 --workers 2 --redis-url redis://...
+    python -m app.server --bundle bundles/demo          # the same without the CLI
+
+The CLI (``model_export/cli.py``) calls ``add_serve_arguments(parser)`` and then
+``serve_from_args(args)``, which is ``run(settings_from_args(args))``. Every option
+defaults to the ``UNICORN_*`` environment variable, then to the ``Settings`` default.
+The admin token is read from ``UNICORN_ADMIN_TOKEN`` only: a command line is visible to
+every user of the machine.
+
+With ``--workers`` > 1, settings reach the worker processes as ``UNICORN_*`` variables
+and ``PROMETHEUS_MULTIPROC_DIR`` is set (a fresh temp dir unless ``metrics_dir``) before
+any worker imports ``prometheus_client``, so ``/metrics`` adds up every worker. A bundle
+that fails verification stops the process before uvicorn starts, with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from app.config import Settings
+
+DEFAULT_FACTORY = "app.main:create_app"
+# (flag, settings field, type, help); booleans are store_true flags.
+SERVE_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--bundle", "bundle", Path, "bundle directory to serve"),
+    ("--host", "host", str, "interface to bind"),
+    ("--port", "port", int, "TCP port"),
+    ("--workers", "workers", int, "uvicorn worker processes"),
+    ("--redis-url", "redis_url", str, "shared Redis cache (default: in-process cache)"),
+    ("--log-level", "log_level", str, "CRITICAL | ERROR | WARNING | INFO | DEBUG"),
+    ("--batch-window-ms", "batch_window_ms", float, "micro-batching window, 0 = off"),
+    ("--max-in-flight", "max_in_flight", int, "requests in the scoring section at once"),
+    ("--queue-timeout-ms", "queue_timeout_ms", float, "wait for a scoring slot, then 503"),
+    ("--log-queries", "log_queries", bool, "write raw query text to access logs"),
+    ("--no-cache", "cache_enabled", bool, "score every request (no result cache)"),
+)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``serve`` options to ``parser`` (defaults: environment, then Settings)."""
+    for flag, field, kind, help_text in SERVE_OPTIONS:
+        if kind is bool:
+            value = field != "cache_enabled"  # --no-cache stores False into cache_enabled
+            parser.add_argument(
+                flag, dest=field, action="store_const", const=value, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the options given on the command line."""
+    overrides = {
+        field: getattr(args, field)
+        for _, field, _, _ in SERVE_OPTIONS
+        if getattr(args, field, None) is not None
+    }
+    return Settings(**overrides)
+
+
+def _prepare_multiprocess_metrics(settings: Settings) -> Path:
+    from app.metrics import MULTIPROC_ENV
+
+    directory = settings.metrics_dir or Path(tempfile.mkdtemp(prefix="unicorn-metrics-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):  # values of a previous run must not add up
+        stale.unlink()
+    os.environ[MULTIPROC_ENV] = str(directory)
+    return directory
+
+
+def run(
+    settings: Settings,
+    *,
+    app_factory: str = DEFAULT_FACTORY,
+    loop: str = "uvloop",
+    http: str = "httptools",
+) -> None:
+    """Serve until SIGINT/SIGTERM. Exits with a message when the bundle is refused.
+
+    ``app_factory`` ("module:function", called with the settings) lets a benchmark serve
+    the same stack with an extra route; ``loop``/``http`` exist to measure what uvloop and
+    httptools buy (``auto`` is used when one is not installed).
+    """
+    import uvicorn
+    from uvicorn.importer import import_from_string
+
+    from app.access_log import configure_logging
+    from app.bundle import verify_bundle
+    from app.errors import BundleError
+
+    configure_logging(settings.log_level)
+    try:
+        verify_bundle(settings.bundle)
+    except BundleError as exc:
+        raise SystemExit(f"unicorn serve: cannot start: {exc.message}") from None
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": loop if _importable(loop) else "auto",
+        "http": http if http == "h11" or _importable(http) else "auto",
+        "log_config": None,  # keep the JSON logging configured above
+        "access_log": False,  # app.access_log writes structured access lines
+        "lifespan": "on",
+        "timeout_graceful_shutdown": 10,
+    }
+    if settings.workers > 1:
+        _prepare_multiprocess_metrics(settings)
+        os.environ.update(settings.to_env())
+        uvicorn.run(app_factory, factory=True, workers=settings.workers, **common)
+    else:
+        uvicorn.run(import_from_string(app_factory)(settings), **common)
+
+
+def serve_from_args(args: argparse.Namespace) -> int:
+    """What ``unicorn serve`` runs."""
+    run(settings_from_args(args))
+    return 0
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return module in ("asyncio", "auto") or importlib.util.find_spec(module) is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_serve_arguments(parser)
+    return serve_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

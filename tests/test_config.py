@@ -1,0 +1,85 @@
+"""Settings: defaults, the UNICORN_ environment prefix, validators with messages that say
+the rule, and the round trip to worker processes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from app.config import Settings
+from app.server import add_serve_arguments, settings_from_args
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    s = Settings()
+    assert (s.redis_url, s.cache_ttl_seconds, s.cache_max_entries) == (None, 300.0, 50_000)
+    assert (s.cache_timeout_ms, s.ort_intra_op_threads, s.ort_inter_op_threads) == (50.0, 1, 1)
+    assert (s.batch_window_ms, s.max_batch_size, s.max_query_chars) == (0.0, 4096, 200)
+    assert (s.max_candidates, s.max_retrieved, s.max_body_bytes) == (1000, 300, 256 * 1024)
+    assert (s.max_in_flight, s.queue_timeout_ms, s.admin_token) == (64, 100.0, None)
+    assert (s.log_queries, s.log_level, s.cache_backend) == (False, "INFO", "memory")
+
+
+def test_environment_variables_use_the_unicorn_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UNICORN_MAX_IN_FLIGHT", "8")
+    monkeypatch.setenv("UNICORN_REDIS_URL", "redis://cache:6379/2")
+    monkeypatch.setenv("UNICORN_BUNDLE", "~/bundles/x")
+    monkeypatch.setenv("MAX_IN_FLIGHT", "999")  # no prefix: ignored
+    s = Settings()
+    assert s.max_in_flight == 8 and s.cache_backend == "redis"
+    assert s.bundle == Path("~/bundles/x").expanduser()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"redis_url": "http://cache"}, "redis_url must start with one of"),
+        ({"admin_token": "short"}, "admin_token must have at least 16 characters"),
+        ({"log_level": "loud"}, "log_level must be one of"),
+        ({"max_batch_size": 500}, "max_batch_size (500) must be >= the largest request"),
+        ({"max_in_flight": 0}, "greater than or equal to 1"),
+        ({"cache_timeout_ms": 0}, "greater than 0"),
+        ({"no_such_setting": 1}, "Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_settings_are_refused_with_the_rule(
+    overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(**overrides)  # type: ignore[arg-type]
+    assert message in str(info.value)
+
+
+def test_blank_optional_values_mean_unset_and_the_token_is_never_echoed() -> None:
+    assert Settings(redis_url="", admin_token=SecretStr("  ")).admin_token is None
+    with pytest.raises(ValidationError) as info:
+        Settings(admin_token=SecretStr("tiny-secret"))
+    assert "tiny-secret" not in str(info.value)
+    s = Settings(admin_token=SecretStr("a-long-enough-admin-token"))
+    assert "a-long-enough-admin-token" not in repr(s)
+
+
+def test_settings_reach_workers_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Settings(
+        max_in_flight=9,
+        redis_url="redis://h:1/0",
+        admin_token=SecretStr("x" * 20),
+        log_queries=True,
+        batch_window_ms=2.5,
+    )
+    for name, value in original.to_env().items():
+        monkeypatch.setenv(name, value)
+    assert Settings() == original
+
+
+def test_cli_options_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UNICORN_PORT", "9000")
+    monkeypatch.setenv("UNICORN_WORKERS", "3")
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    s = settings_from_args(parser.parse_args(["--port", "8123", "--no-cache", "--log-queries"]))
+    assert (s.port, s.workers, s.cache_enabled, s.log_queries) == (8123, 3, False, True)
+    assert s.cache_backend == "off"
