@@ -21,7 +21,7 @@ from app.errors import BundleError
 from app.feature_tables import FeatureTables
 from app.features import DENSE_FEATURES, INPUT_NAMES, FeatureBuilder
 from app.retrieval import CandidateRetriever
-from app.scoring import OnnxScorer, ScorerOptions
+from app.scoring import OUTPUT_NAME, OnnxScorer, ScorerOptions
 from app.tables import TableError
 from app.text_index import TextIndex
 
@@ -96,23 +96,29 @@ def verify_bundle(bundle_dir: Path) -> dict[str, Any]:
         if key not in manifest:
             raise BundleError(f"{bundle_dir}: manifest lacks {key!r}", field="bundle")
     files = manifest["files"]
+    if not isinstance(files, dict):
+        raise BundleError(f"{bundle_dir}: manifest 'files' must be an object", field="bundle")
     for name in BUNDLE_FILES:
         path = bundle_dir / name
         if not path.is_file():
             raise BundleError(f"{path}: bundle file is missing", field="bundle")
-        expected = files.get(name) if isinstance(files, dict) else None
-        if expected != sha256_of(path):
+        if files.get(name) != sha256_of(path):
             raise BundleError(
                 f"{path}: sha256 does not match the manifest (corrupt or tampered file)",
                 field="bundle",
             )
-    if list(manifest["dense_features"]) != list(DENSE_FEATURES):
+    inputs, dense = manifest["inputs"], manifest["dense_features"]
+    if not isinstance(dense, list) or not isinstance(inputs, list):
+        raise BundleError(
+            f"{bundle_dir}: manifest 'dense_features' and 'inputs' must be lists", field="bundle"
+        )
+    if dense != list(DENSE_FEATURES):
         raise BundleError(
             f"{bundle_dir}: the model was trained on features {manifest['dense_features']}, "
             f"this service computes {list(DENSE_FEATURES)}",
             field="bundle",
         )
-    names = [i.get("name") for i in manifest["inputs"]]
+    names = [i.get("name") if isinstance(i, dict) else i for i in inputs]
     if names != list(INPUT_NAMES):
         raise BundleError(
             f"{bundle_dir}: model inputs {names} differ from {list(INPUT_NAMES)}", field="bundle"
@@ -132,7 +138,8 @@ def load_bundle(bundle_dir: Path | str, options: ScorerOptions | None = None) ->
         retriever = CandidateRetriever(features)
     except (TableError, ValueError, TypeError) as exc:
         raise BundleError(f"{bundle_dir}: tables are inconsistent ({exc})", field="bundle") from exc
-    expected_entities = manifest.get("vocab", {}).get("n_entities")
+    vocab = manifest.get("vocab")
+    expected_entities = vocab.get("n_entities") if isinstance(vocab, dict) else None
     if expected_entities != len(catalogue) or tables.item_vec.shape[0] != len(catalogue):
         raise BundleError(
             f"{bundle_dir}: model was built for {expected_entities} entities, the catalogue has "
@@ -140,6 +147,15 @@ def load_bundle(bundle_dir: Path | str, options: ScorerOptions | None = None) ->
             field="bundle",
         )
     scorer = OnnxScorer.open(bundle_dir / MODEL_FILE, options or ScorerOptions())
+    # The manifest describes the model; check the graph itself agrees before serving it.
+    unknown = [name for name in scorer.input_names if name not in INPUT_NAMES]
+    outputs = [o.name for o in scorer.session.get_outputs()]
+    if unknown or OUTPUT_NAME not in outputs:
+        raise BundleError(
+            f"{bundle_dir}: model.onnx has inputs {scorer.input_names} and outputs {outputs}; "
+            f"this service feeds {list(INPUT_NAMES)} and reads {OUTPUT_NAME!r}",
+            field="bundle",
+        )
     bundle = Bundle(bundle_dir, manifest, catalogue, tables, text, features, retriever, scorer)
     _warm(bundle)
     return bundle
@@ -157,7 +173,12 @@ def _warm(bundle: Bundle) -> None:
     cand = bundle.retriever.retrieve(cf, limit=8)
     if len(cand) == 0:
         cand = np.array([first], dtype=np.int64)
-    scores = bundle.scorer.score(bundle.features.candidates(cf, cand))
+    try:
+        scores = bundle.scorer.score(bundle.features.candidates(cf, cand))
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise BundleError(
+            f"{bundle.path}: warm-up inference failed ({exc})", field="bundle"
+        ) from exc
     if scores.shape != (len(cand),) or not np.all(np.isfinite(scores)):
         raise BundleError(
             f"{bundle.path}: warm-up inference returned shape {scores.shape} or non-finite scores",

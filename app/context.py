@@ -50,7 +50,9 @@ def normalise_query(text: str | None) -> str:
     ``MAX_QUERY_CHARS`` characters. ``None`` and blank input give ``""``."""
     if not text:
         return ""
-    folded = unicodedata.normalize("NFKC", text).casefold()
+    # NFKC again after case folding: folding can undo it ("ß" + accent -> "ss" + accent,
+    # which composes to "sś"), and "ß" + accent must match "SS" + accent as typed.
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
     words = _NON_WORD.sub(" ", folded).replace("_", " ").split()
     return " ".join(words)[:MAX_QUERY_CHARS].strip()
 

@@ -112,7 +112,10 @@ def assign_clusters(user_vec: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def country_rows(catalogue: Catalogue, countries: np.ndarray) -> np.ndarray:
     """Row in ``country_pos`` for each raw or imputed country code: 0 when unknown."""
     lookup = {c: i + 1 for i, c in enumerate(catalogue.country_names)}
-    return np.array([lookup.get(str(c).upper(), 0) for c in countries.tolist()], dtype=np.int64)
+    # strip + upper, as app.context.impute_context does: training and serving must agree
+    return np.array(
+        [lookup.get(str(c).strip().upper(), 0) for c in countries.tolist()], dtype=np.int64
+    )
 
 
 def build_feature_tables(
@@ -134,9 +137,11 @@ def build_feature_tables(
     country_pos = np.zeros((n_c, n_entities), dtype=np.float32)
     np.add.at(country_pos, (crow[label], target[label]), 1.0)
 
-    # Users: fold-in vectors over positives, then clusters.
-    has_user = log.user_id != ""
-    user_ids, user_inv = np.unique(log.user_id[has_user], return_inverse=True)
+    # Users: fold-in vectors over positives, then clusters. Ids are trimmed as
+    # impute_context trims them, or the service would never find a user's row.
+    raw_users = np.strings.strip(log.user_id)
+    has_user = raw_users != ""
+    user_ids, user_inv = np.unique(raw_users[has_user], return_inverse=True)
     pos_rows = label[has_user]
     user_vec = fold_in_users(
         user_inv[pos_rows], target[has_user][pos_rows], len(user_ids), item_vec

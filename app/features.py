@@ -190,7 +190,9 @@ class FeatureBuilder:
             dense[:, 17] = self.cluster_pop_log[cf.cluster, cand]
             dense[:, 18] = self.cluster_share[cf.cluster, cand]
         if cf.level is Personalization.FULL:
-            dense[:, 19] = item_vec @ cf.user_vec[0]
+            # Row-wise, not a BLAS mat-vec: a candidate's value must not depend on N or on
+            # the other candidates (BLAS blocking changes the rounding with the batch).
+            dense[:, 19] = (item_vec * cf.user_vec[0]).sum(axis=1)
         return {
             "ctx_cat": cf.ctx_cat,
             "ctx_source": cf.ctx_source,

@@ -118,9 +118,13 @@ class Ranker:
     def finish(self, prepared: PreparedRequest, scores: np.ndarray) -> RankResult:
         q, cand = prepared.query, prepared.candidates
         k = min(q.k, len(cand))
-        top = np.argpartition(-scores, k - 1)[:k] if k < len(cand) else np.arange(len(cand))
-        # Ties broken by entity index so the order is deterministic.
-        top = top[np.lexsort((cand[top], -scores[top]))]
+        top = np.arange(len(cand))
+        if k < len(cand):
+            # Everything scoring at least the k-th score, ties at the cut included, so that
+            # ties are broken by entity index below, not by the candidates' input order.
+            kth = np.partition(-scores, k - 1)[k - 1]
+            top = np.flatnonzero(-scores <= kth)
+        top = top[np.lexsort((cand[top], -scores[top]))][:k]
         catalogue = self.bundle.catalogue
         items = [
             RankedItem(

@@ -37,13 +37,14 @@ def query_trigrams(normalised: str) -> np.ndarray:
     prefix). Unique, int64."""
     padded = "$" + normalised
     grams = {padded[i : i + 3] for i in range(max(len(padded) - 2, 0))}
-    return np.array(sorted(stable_hash(g, TRIGRAM_BUCKETS) for g in grams), dtype=np.int64)
+    # A set of hashes, not of grams: two grams that collide in one bucket count once.
+    return np.array(sorted({stable_hash(g, TRIGRAM_BUCKETS) for g in grams}), dtype=np.int64)
 
 
 def _name_trigrams(normalised: str) -> list[int]:
     padded = "$" + normalised + "$"
     grams = {padded[i : i + 3] for i in range(max(len(padded) - 2, 0))}
-    return sorted(stable_hash(g, TRIGRAM_BUCKETS) for g in grams)[:MAX_NAME_TRIGRAMS]
+    return sorted({stable_hash(g, TRIGRAM_BUCKETS) for g in grams})[:MAX_NAME_TRIGRAMS]
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:

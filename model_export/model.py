@@ -46,11 +46,18 @@ class ModelConfig:
             "n_dense",
             "vec_dim",
             "token_buckets",
+            "n_tasks",
+            "n_levels",
             "emb_dim",
             "mlp_width",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_cross", "cross_rank", "n_res_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for name in ("dense_mean", "dense_std"):
             values = getattr(self, name)
             if values and len(values) != self.n_dense:
@@ -109,6 +116,10 @@ class UniCoRn(nn.Module):
         self.token_emb = nn.Embedding(config.token_buckets, e, padding_idx=0)
         for emb in (self.entity_emb, self.token_emb):
             nn.init.normal_(emb.weight, std=0.01)
+        # normal_ overwrote the padding row: zero it again, or every padding slot adds a
+        # frozen random vector to the pooled query (padding_idx only stops its gradient).
+        with torch.no_grad():
+            self.token_emb.weight[0].zero_()
         # Fine-tuning of the pre-trained user-item vectors: start from the identity.
         self.user_adapter = nn.Linear(config.vec_dim, config.vec_dim)
         self.item_adapter = nn.Linear(config.vec_dim, config.vec_dim)

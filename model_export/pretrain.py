@@ -79,7 +79,9 @@ def fit_clusters(
     centroids = [vecs[rng.integers(len(vecs))]]
     for _ in range(1, k):  # k-means++ seeding
         d2 = np.min(((vecs[:, None, :] - np.array(centroids)[None]) ** 2).sum(-1), axis=1)
-        centroids.append(vecs[rng.choice(len(vecs), p=d2 / d2.sum())])
+        total = float(d2.sum())
+        # Fewer distinct users than k: every user already sits on a centroid, draw uniformly.
+        centroids.append(vecs[rng.choice(len(vecs), p=d2 / total if total > 0 else None)])
     c = np.array(centroids)
     for _ in range(iterations):
         assign = np.argmax(vecs @ c.T, axis=1)

@@ -20,7 +20,7 @@ from app.engagement_log import TASKS
 from model_export.bundle_builder import baseline_systems, model_systems
 from model_export.evaluate import System, evaluate_systems, relevance_guard, test_impressions
 from model_export.pipeline import PipelineConfig, load_source, prepare, train_unicorn, training_rows
-from model_export.train import TrainConfig, predict
+from model_export.train import TrainConfig
 
 METRICS = ("ndcg@10", "recall@10", "mrr")
 RECS = ("prequery", "more_like_this", "entity")

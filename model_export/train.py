@@ -7,7 +7,7 @@ seed: fixed torch/numpy seeds, a fixed thread count, a seeded shuffle.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -61,8 +61,8 @@ def train_model(
     torch.set_num_threads(config.threads)
     rng = np.random.default_rng(config.seed)
     mean, std = dense_normalisation(rows.inputs["dense"])
-    model_config.dense_mean, model_config.dense_std = mean, std
-    model = UniCoRn(model_config)
+    # A copy: the caller's config stays as given, so it can train another model.
+    model = UniCoRn(replace(model_config, dense_mean=mean, dense_std=std))
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     tensors = to_tensors(rows.inputs)
