@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -50,8 +50,12 @@ JSON = "application/json"
 RETRY_AFTER_SECONDS = "1"
 
 
-class JsonResponse(Response):
-    """JSON rendered by orjson; numpy values are refused, never silently converted."""
+class JsonResponse(JSONResponse):
+    """JSON rendered by orjson; numpy values are refused, never silently converted.
+
+    A ``JSONResponse`` subclass so that FastAPI documents a route's 200 body by its
+    ``responses`` model; a plain ``Response`` subclass is documented as ``{"type":
+    "string"}`` next to the model's ``$ref``, a schema no JSON object satisfies."""
 
     media_type = JSON
 
@@ -148,7 +152,7 @@ AdminDep = Annotated[None, Depends(require_admin)]
 
 
 @admin_router.post(
-    "/reload", response_model=ReloadResponse, responses=_errors(401, 403, 404, 409, 422)
+    "/reload", response_model=ReloadResponse, responses=_errors(400, 401, 403, 404, 409, 422)
 )
 async def reload(
     _admin: AdminDep,

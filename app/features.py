@@ -108,13 +108,16 @@ class FeatureBuilder:
         self.tables = tables
         self.text = text
         self.n_entities = len(catalogue)
-        self.pop_log = np.log1p(tables.entity_pos)
+        # Popularity as a log share (per 10k positives), not a raw count: the model learns
+        # from tables of the history window and is served with tables of the whole training
+        # split, about twice the volume; shares mean the same thing in both.
+        self.pop_log = _log_share(tables.entity_pos[None, :])[0]
         prior = float(tables.prior_ctr)
         self.global_ctr = (tables.entity_pos + CTR_SMOOTHING * prior) / (
             tables.entity_imp + CTR_SMOOTHING
         )
-        self.country_pop_log = np.log1p(tables.country_pos)
-        self.cluster_pop_log = np.log1p(tables.cluster_pos)
+        self.country_pop_log = _log_share(tables.country_pos)
+        self.cluster_pop_log = _log_share(tables.cluster_pos)
         cluster_tot = tables.cluster_pos.sum(axis=1, keepdims=True)
         self.cluster_share = tables.cluster_pos / np.maximum(cluster_tot, 1.0) * 1000.0
         self.zero_vec = np.zeros((1, tables.vec_dim), dtype=np.float32)
@@ -251,6 +254,12 @@ class FeatureBuilder:
             linked = self.catalogue.linked(cf.source_index)
             if len(linked):
                 dense[:, 13] = np.isin(cand, linked)
+
+
+def _log_share(counts: np.ndarray) -> np.ndarray:
+    """log1p of each row's counts as a share of the row's total, per 10,000."""
+    total = np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    return np.log1p(1e4 * counts / total).astype(np.float32)
 
 
 def _sparse_row_lookup(

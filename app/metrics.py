@@ -11,7 +11,10 @@ template, status code, model version): never a user id or query text.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,6 +27,8 @@ from prometheus_client import (
 from prometheus_client import multiprocess as prom_multiprocess
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# prometheus_client's per-process file of a "live" gauge: gauge_livesum_<pid>.db ...
+LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
 
 # Fine below 5 ms so that a p99 near 1 ms can be read; coarse above.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -137,7 +142,9 @@ class ServiceMetrics:
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text: this app's registry, or every worker's when multiprocess."""
-        if multiprocess_dir():
+        directory = multiprocess_dir()
+        if directory:
+            sweep_dead_workers(Path(directory))
             registry = CollectorRegistry()
             prom_multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
@@ -147,4 +154,41 @@ class ServiceMetrics:
     def mark_process_dead(pid: int) -> None:
         """Drop a finished worker's live gauges (multiprocess mode only)."""
         if multiprocess_dir():
-            prom_multiprocess.mark_process_dead(pid)
+            # Two workers may sweep the same dead pid at once: a vanished file is fine.
+            with contextlib.suppress(FileNotFoundError):
+                prom_multiprocess.mark_process_dead(pid)
+
+
+def sweep_dead_workers(directory: Path) -> list[int]:
+    """Drop the live gauges of workers that died without shutting down (SIGKILL, OOM
+    kill); returns their pids.
+
+    A worker that exits cleanly drops its own (``RankingService.close``), but uvicorn's
+    supervisor replaces a killed worker without doing so, and its last values (e.g. a
+    request in flight) would stay in the ``livesum``/``livemax`` gauges forever. Counters
+    and histograms of a dead worker are kept: what it counted did happen. A pid reused
+    by another process since is taken as alive (its stale values stay until that one
+    ends), which is rare and only ever keeps a stale value.
+    """
+    dead = set()
+    for path in directory.glob("gauge_live*_*.db"):
+        match = LIVE_GAUGE_FILE.match(path.name)
+        if match and not _process_alive(int(match.group(1))):
+            dead.add(int(match.group(1)))
+    for pid in sorted(dead):
+        ServiceMetrics.mark_process_dead(pid)
+    return sorted(dead)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError, IndexError):
+        # A killed worker that its supervisor has not reaped yet is a zombie: dead.
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True

@@ -12,7 +12,11 @@ every user of the machine.
 With ``--workers`` > 1, settings reach the worker processes as ``UNICORN_*`` variables
 and ``PROMETHEUS_MULTIPROC_DIR`` is set (a fresh temp dir unless ``metrics_dir``) before
 any worker imports ``prometheus_client``, so ``/metrics`` adds up every worker. A bundle
-that fails verification stops the process before uvicorn starts, with the reason.
+that fails verification stops the process before uvicorn starts, with the reason and a
+non-zero exit status: checksums and the manifest are checked here; with several workers
+the bundle is also loaded and warmed once in a short-lived child process, because a worker
+that fails to load it makes uvicorn's supervisor stop with exit status 0 (and with one
+worker the lifespan's refusal exits with status 3).
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ from typing import Any
 from app.config import Settings
 
 DEFAULT_FACTORY = "app.main:create_app"
+# With several workers uvicorn imports this in each (spawned) worker; it reads the real
+# factory from this variable, which ``run`` sets.
+WORKER_ENTRY = "app.server:create_worker_app"
+WORKER_FACTORY_ENV = "UNICORN_SERVE_FACTORY"
 # (flag, settings field, type, help); booleans are store_true flags.
 SERVE_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--bundle", "bundle", Path, "bundle directory to serve"),
@@ -76,6 +84,41 @@ def _prepare_multiprocess_metrics(settings: Settings) -> Path:
     return directory
 
 
+def create_worker_app() -> Any:
+    """The app of one worker process (``--workers`` > 1): settings from the ``UNICORN_*``
+    environment the supervisor set, and the service's JSON logging, which a spawned
+    worker does not inherit (without it, access lines and every INFO line were lost)."""
+    from uvicorn.importer import import_from_string
+
+    from app.access_log import configure_logging
+
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return import_from_string(os.environ.get(WORKER_FACTORY_ENV, DEFAULT_FACTORY))(settings)
+
+
+def bundle_refusal(settings: Settings) -> str | None:
+    """Load and warm the configured bundle as a worker would: why it is refused, or
+    ``None`` when it serves."""
+    from app.errors import BundleError
+    from app.service import load_serving_model
+
+    try:
+        load_serving_model(settings.bundle, settings)
+    except BundleError as exc:
+        return exc.message
+    return None
+
+
+def _bundle_refusal_in_child(settings: Settings) -> str | None:
+    """``bundle_refusal`` in a spawned child, so the supervisor never holds a model."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(bundle_refusal, settings).result()
+
+
 def run(
     settings: Settings,
     *,
@@ -112,9 +155,13 @@ def run(
         "timeout_graceful_shutdown": 10,
     }
     if settings.workers > 1:
+        refusal = _bundle_refusal_in_child(settings)
+        if refusal is not None:
+            raise SystemExit(f"unicorn serve: cannot start: {refusal}")
         _prepare_multiprocess_metrics(settings)
         os.environ.update(settings.to_env())
-        uvicorn.run(app_factory, factory=True, workers=settings.workers, **common)
+        os.environ[WORKER_FACTORY_ENV] = app_factory
+        uvicorn.run(WORKER_ENTRY, factory=True, workers=settings.workers, **common)
     else:
         uvicorn.run(import_from_string(app_factory)(settings), **common)
 

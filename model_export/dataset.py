@@ -54,6 +54,7 @@ def featurise(
     extra_negatives: int = 0,
     retrieve_limit: int = 300,
     seed: int = 7,
+    negative_tasks: tuple[str, ...] = ("search", "more_like_this", "entity"),
 ) -> FeaturisedRows:
     """Featurise every row of ``log``. ``levels``: one personalization level for all
     impressions, or an array with one level index per impression (in impression order).
@@ -61,7 +62,10 @@ def featurise(
     With a ``retriever``, each impression also gets ``extra_negatives`` label-0 rows drawn
     from what the service's retriever returns for its context: logged impressions come from
     an old logging policy, and without such negatives the model never sees the kind of
-    candidate (fuzzy matches, popular top-ups) it must rank down at serving time."""
+    candidate (fuzzy matches, popular top-ups) it must rank down at serving time. Only for
+    ``negative_tasks``: prequery retrieval returns the country's most popular titles, and
+    calling those negatives taught the model to distrust popularity (prequery NDCG@10
+    0.058 with them, 0.062 without, on the synthetic world)."""
     if extra_negatives and retriever is None:
         raise ValueError("extra_negatives needs a retriever")
     rng = np.random.default_rng(seed)
@@ -93,7 +97,7 @@ def featurise(
         cf = builder.context(ctx, level)
         cand = targets[rows]
         label = log.label[rows].astype(np.float32)
-        if retriever is not None and extra_negatives > 0:
+        if retriever is not None and extra_negatives > 0 and ctx.task.value in negative_tasks:
             pool = retriever.retrieve(cf, limit=retrieve_limit)
             pool = pool[~np.isin(pool, cand)]
             extra = rng.choice(pool, size=min(extra_negatives, len(pool)), replace=False)

@@ -25,7 +25,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     seed: int = 7
-    threads: int = 2
+    threads: int = 1  # one thread per process: on a shared 2-core box more threads oversubscribe
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -306,17 +306,29 @@ def test_linked_to_source(builder: FeatureBuilder) -> None:
     assert d["v_crown"]["co_engagement_log"] == pytest.approx(np.log1p(1))
 
 
+def log_share(count: float, total: float) -> float:
+    """Popularity features are log1p of a share of the row's positives, per 10k."""
+    return float(np.log1p(1e4 * count / total))
+
+
+def country_total(builder: FeatureBuilder, country: str) -> float:
+    row = builder.catalogue.country_names.index(country) + 1
+    return float(builder.tables.country_pos[row].sum())
+
+
 def test_country_popularity_is_per_country(builder: FeatureBuilder) -> None:
     # The Crown: one positive in the US (prequery), one in GB (the Drama page)
     # Dark Water: one US positive (prequery) + three US more_like_this positives
     us = dense_for(builder, "prequery", ("v_crown", "v_dark"), country="us")
     gb = dense_for(builder, "prequery", ("v_crown", "v_dark"), country="GB")
     nowhere = dense_for(builder, "prequery", ("v_crown", "v_dark"), country=None)
-    assert us["v_dark"]["country_pop_log"] == pytest.approx(np.log1p(4))
+    us_total, gb_total = country_total(builder, "US"), country_total(builder, "GB")
+    assert us["v_dark"]["country_pop_log"] == pytest.approx(log_share(4, us_total))
     assert gb["v_dark"]["country_pop_log"] == 0
-    assert gb["v_crown"]["country_pop_log"] == pytest.approx(np.log1p(1))
+    assert gb["v_crown"]["country_pop_log"] == pytest.approx(log_share(1, gb_total))
     assert nowhere["v_dark"]["country_pop_log"] == 0  # no positive had an unknown country
-    assert us["v_crown"]["global_pop_log"] == pytest.approx(np.log1p(2))
+    all_pos = float(builder.tables.entity_pos.sum())
+    assert us["v_crown"]["global_pop_log"] == pytest.approx(log_share(2, all_pos))
 
 
 def test_personalization_none_masks_every_user_signal(builder: FeatureBuilder) -> None:
@@ -429,7 +441,7 @@ def test_tables_key_users_and_countries_as_the_context_imputes_them() -> None:
     cf = b.context(ctx, Personalization.FULL)
     assert cf.cluster == 1 and cf.user_vec.any()
     dense = b.candidates(cf, idx(b, "v_dark"))["dense"]
-    assert dense[0, COL["country_pop_log"]] == pytest.approx(np.log1p(1))
+    assert dense[0, COL["country_pop_log"]] == pytest.approx(log_share(1, 1))  # the only US positive
     blank = hand_world.builder([(100, "prequery", "  ", "", "", "", "v_dark", 1)])
     assert len(blank.tables.user_ids) == 0  # whitespace is no user
 
