@@ -7,7 +7,8 @@
 - ``second_bundle`` / ``tampered_bundle``: copies of it with another model version, or
   with one byte of ``model.onnx`` flipped.
 - ``redis_server``: a real ``redis-server`` on a free port in a temp dir, which a test can
-  kill, restart, pause (SIGSTOP) and resume (SIGCONT).
+  kill, restart, pause (SIGSTOP) and resume (SIGCONT); ``DEBUG SLEEP`` is enabled for
+  local connections, so a test can also stall it from inside.
 - ``start_server`` / ``live_server``: a real uvicorn server in a thread on a free port,
   started and stopped cleanly (after encode/httpx's ``tests/conftest.py``).
 - ``running_app``: ``async with running_app(settings) as (app, client)``, the app
@@ -174,7 +175,7 @@ class RedisProcess:
         self.process = subprocess.Popen(
             [REDIS_BINARY, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.directory), "--protected-mode", "no",
-             "--loglevel", "warning"],
+             "--enable-debug-command", "local", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 10

@@ -441,7 +441,8 @@ def test_tables_key_users_and_countries_as_the_context_imputes_them() -> None:
     cf = b.context(ctx, Personalization.FULL)
     assert cf.cluster == 1 and cf.user_vec.any()
     dense = b.candidates(cf, idx(b, "v_dark"))["dense"]
-    assert dense[0, COL["country_pop_log"]] == pytest.approx(log_share(1, 1))  # the only US positive
+    # the only US positive: a share of 1/1
+    assert dense[0, COL["country_pop_log"]] == pytest.approx(log_share(1, 1))
     blank = hand_world.builder([(100, "prequery", "  ", "", "", "", "v_dark", 1)])
     assert len(blank.tables.user_ids) == 0  # whitespace is no user
 
