@@ -72,6 +72,9 @@ COPY deploy/docker/healthcheck.py /opt/unicorn/healthcheck.py
 # Settings are UNICORN_* variables (app/config.py). Bind every interface inside the
 # container; the bundle path is a mount point unless the `demo` target fills it.
 ENV PYTHONDONTWRITEBYTECODE=1 \
+    OPENBLAS_NUM_THREADS=1 \
+    OMP_NUM_THREADS=1 \
+    MKL_NUM_THREADS=1 \
     UNICORN_HOST=0.0.0.0 \
     UNICORN_PORT=8000 \
     UNICORN_WORKERS=1 \

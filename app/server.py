@@ -132,6 +132,11 @@ def run(
     the same stack with an extra route; ``loop``/``http`` exist to measure what uvloop and
     httptools buy (``auto`` is used when one is not installed).
     """
+    # One BLAS thread per process, set before numpy is first imported (app.bundle below):
+    # with a pool per worker, a mat-vec over a 100k-entity catalogue fought the event loop
+    # for the cores (1M-user world, more_like_this miss p99 27.8 ms -> 6.1 ms; BENCHMARKS.md).
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     import uvicorn
     from uvicorn.importer import import_from_string
 
