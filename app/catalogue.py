@@ -111,6 +111,12 @@ class Catalogue:
             return self.available[self.country_names.index(country)] & self.rankable
         return self.rankable
 
+    def name_of(self, entity_id: str) -> str | None:
+        """Display name of ``entity_id``, ``None`` when unknown (the ``source_name`` that
+        ``app.context.impute_context`` takes)."""
+        i = self.index.get(entity_id)
+        return None if i is None else str(self.display_name[i])
+
     def lookup(self, entity_ids: np.ndarray) -> np.ndarray:
         """Vectorised id -> index for an array of ids; -1 where the id is unknown."""
         ids = np.asarray(entity_ids, dtype=str)

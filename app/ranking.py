@@ -77,15 +77,16 @@ class Ranker:
     def model_version(self) -> str:
         return self.bundle.model_version
 
-    def source_name(self, entity_id: str) -> str | None:
-        i = self.bundle.catalogue.index.get(entity_id)
-        return None if i is None else str(self.bundle.catalogue.display_name[i])
-
     def context(self, q: RankQuery) -> Context:
         """Impute the request's context; map rule violations to 4xx domain errors."""
         try:
             return impute_context(
-                q.task, q.user_id, q.query, q.country, q.source_entity_id, self.source_name
+                q.task,
+                q.user_id,
+                q.query,
+                q.country,
+                q.source_entity_id,
+                self.bundle.catalogue.name_of,
             )
         except LookupError as exc:
             raise NotFound(str(exc), field="source_entity_id") from exc

@@ -79,10 +79,6 @@ def featurise(
     labels: list[np.ndarray] = []
     tasks: list[np.ndarray] = []
 
-    def name_of(entity_id: str) -> str | None:
-        i = catalogue.index.get(entity_id)
-        return None if i is None else str(catalogue.display_name[i])
-
     for g, rows in enumerate(groups):
         r0 = rows[0]
         ctx = impute_context(
@@ -91,7 +87,7 @@ def featurise(
             str(log.query[r0]),
             str(log.country[r0]),
             str(log.source_entity_id[r0]),
-            name_of,
+            catalogue.name_of,
         )
         level = levels if isinstance(levels, Personalization) else LEVELS[int(levels[g])]
         cf = builder.context(ctx, level)

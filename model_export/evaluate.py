@@ -57,10 +57,6 @@ def test_impressions(
         if log.label[rows].any():
             by_task[str(log.task[rows[0]])].append(rows)
 
-    def name_of(entity_id: str) -> str | None:
-        i = catalogue.index.get(entity_id)
-        return None if i is None else str(catalogue.display_name[i])
-
     out: dict[str, list[TestImpression]] = {}
     for task, groups in by_task.items():
         pick = rng.permutation(len(groups))[:per_task]
@@ -74,7 +70,7 @@ def test_impressions(
                 str(log.query[r0]),
                 str(log.country[r0]),
                 str(log.source_entity_id[r0]),
-                name_of,
+                catalogue.name_of,
             )
             out[task].append(TestImpression(ctx, np.unique(targets[rows][log.label[rows] == 1])))
     return out
