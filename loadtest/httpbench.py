@@ -29,17 +29,13 @@ from typing import Any
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.processes import free_port, stop_process_group
+
 LUA_SCRIPT = Path(__file__).with_name("rank.lua")
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 READY_TIMEOUT_S = 180.0
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
@@ -216,15 +212,7 @@ class BenchServer:
         return flat
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGINT)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+        stop_process_group(self.process, signal.SIGINT)
         self._log.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
 

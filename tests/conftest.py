@@ -38,6 +38,7 @@ import httpx
 import pytest
 
 from app.config import Settings
+from loadtest.processes import free_port
 
 REUSE_BUNDLE_ENV = "UNICORN_TEST_TINY_BUNDLE"
 REDIS_BINARY = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -150,12 +151,6 @@ def read_metric() -> Callable[..., float]:
 
 
 # --- redis --------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def free_port_factory() -> Callable[[], int]:
     return free_port
