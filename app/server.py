@@ -1,4 +1,5 @@
-"""``unicorn serve``: run the service with uvicorn (uvloop + httptools).
+"""``unicorn serve``: run the service with uvicorn (httptools; uvloop by default, the stdlib
+asyncio loop with ``--event-loop asyncio``).
 
     unicorn serve --bundle bundles/demo --port 8000 --workers 2 --redis-url redis://...
     python -m app.server --bundle bundles/demo          # the same without the CLI
@@ -43,6 +44,7 @@ SERVE_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--workers", "workers", int, "uvicorn worker processes"),
     ("--redis-url", "redis_url", str, "shared Redis cache (default: in-process cache)"),
     ("--log-level", "log_level", str, "CRITICAL | ERROR | WARNING | INFO | DEBUG"),
+    ("--event-loop", "event_loop", str, "uvloop (default) | asyncio"),
     ("--batch-window-ms", "batch_window_ms", float, "micro-batching window, 0 = off"),
     ("--max-in-flight", "max_in_flight", int, "requests in the scoring section at once"),
     ("--queue-timeout-ms", "queue_timeout_ms", float, "wait for a scoring slot, then 503"),
@@ -123,14 +125,13 @@ def run(
     settings: Settings,
     *,
     app_factory: str = DEFAULT_FACTORY,
-    loop: str = "uvloop",
     http: str = "httptools",
 ) -> None:
     """Serve until SIGINT/SIGTERM. Exits with a message when the bundle is refused.
 
     ``app_factory`` ("module:function", called with the settings) lets a benchmark serve
-    the same stack with an extra route; ``loop``/``http`` exist to measure what uvloop and
-    httptools buy (``auto`` is used when one is not installed).
+    the same stack with an extra route; ``http`` exists to measure what httptools buys
+    (``auto`` is used when it is not installed). The event loop is ``settings.event_loop``.
     """
     # One BLAS thread per process, set before numpy is first imported (app.bundle below):
     # with a pool per worker, a mat-vec over a 100k-entity catalogue fought the event loop
@@ -152,7 +153,7 @@ def run(
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
-        "loop": loop if _importable(loop) else "auto",
+        "loop": settings.event_loop if _importable(settings.event_loop) else "auto",
         "http": http if http == "h11" or _importable(http) else "auto",
         "log_config": None,  # keep the JSON logging configured above
         "access_log": False,  # app.access_log writes structured access lines

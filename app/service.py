@@ -16,10 +16,16 @@ candidates on the 2-core dev box (synthetic 2,100-entity bundle, medians of 5 al
 runs): one request at a time, inline p50 2.13 ms vs 2.47 ms through a thread pool (the
 hop costs ~0.3 ms); at 8 concurrent requests throughput was within noise (the GIL-bound
 feature code does not overlap). More cores are used with more workers (processes).
-Because inline scoring never yields, requests queue in the event loop rather than at the
-admission semaphore; so admission also yields once and measures that wait, and a request
-that has already queued longer than ``queue_timeout_ms`` is shed (503) instead of being
-scored late.
+
+Admission control (``_admit``) is a FIFO of scoring slots (``max_in_flight``). Inline
+scoring never yields, so a slot is handed back one event-loop turn after the scoring
+ends (``call_soon``): at most ``max_in_flight`` requests are scored per turn, and the loop
+reads new connections between them. Without that, every request parsed in one turn was
+scored in the next, back to back, and a request arriving meanwhile sat unread for all of
+it, where no timeout could see it (end-to-end p99 several times ``queue_timeout_ms``
+under overload; docs/RELIABILITY.md). A request waits at most ``queue_timeout_ms`` for a
+slot, and is refused at once when the requests ahead of it would already take longer
+(at the measured scoring time): 503 + ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import orjson
@@ -190,6 +196,9 @@ class RankingService:
         self._user_key = salt.get_secret_value().encode() if salt else os.urandom(16)
         self._queue_timeout = settings.queue_timeout_ms / 1000.0
         self._admission = asyncio.Semaphore(settings.max_in_flight)
+        self._waiting = 0  # requests queued at the semaphore now
+        self._granted_at = 0.0  # when a queued request last got a slot
+        self._grant_s = 0.0  # moving average of the time between grants to queued requests
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
         self._sighup_installed = False
@@ -372,27 +381,42 @@ class RankingService:
         return items
 
     async def _admit(self) -> None:
-        """Take a scoring slot, or raise ``Overloaded`` after ``queue_timeout_ms``."""
-        queued = time.perf_counter()
-        # Inline scoring never yields, so waiting requests sit in the event loop's ready
-        # queue, not at the semaphore: yield once and count that wait as queueing too.
-        await asyncio.sleep(0)
-        remaining = self._queue_timeout - (time.perf_counter() - queued)
+        """Take a scoring slot (first come, first served), or raise ``Overloaded``: at once
+        when the requests already queued would take ``queue_timeout_ms`` or more at the
+        rate the queue has been moving, else after waiting ``queue_timeout_ms``."""
+        if not self._admission.locked():
+            await self._admission.acquire()  # a free slot: no suspension
+            return
+        if (self._waiting + 1) * self._grant_s >= self._queue_timeout:
+            self._shed("the requests queued ahead would take longer than")
+        self._waiting += 1
         try:
-            if remaining <= 0:
-                raise TimeoutError
-            if self._admission.locked():
-                async with asyncio.timeout(remaining):
-                    await self._admission.acquire()
-            else:
+            async with asyncio.timeout(self._queue_timeout):
                 await self._admission.acquire()
         except TimeoutError:
-            self.metrics.shed.inc()
-            raise Overloaded(
-                f"no scoring slot within queue_timeout_ms={self.settings.queue_timeout_ms:g} "
-                f"(max_in_flight={self.settings.max_in_flight}); retry shortly",
-                field=None,
-            ) from None
+            self._shed("no scoring slot within")
+        finally:
+            self._waiting -= 1
+        now = time.perf_counter()
+        interval = now - self._granted_at
+        self._granted_at = now
+        if interval < self._queue_timeout:  # the queue was moving, not restarting
+            self._grant_s = (
+                interval if self._grant_s == 0.0 else 0.8 * self._grant_s + 0.2 * interval
+            )
+
+    def _shed(self, why: str) -> NoReturn:
+        self.metrics.shed.inc()
+        raise Overloaded(
+            f"{why} queue_timeout_ms={self.settings.queue_timeout_ms:g} "
+            f"(max_in_flight={self.settings.max_in_flight}); retry shortly",
+            field=None,
+        )
+
+    def _release(self) -> None:
+        """End a scoring section; its slot is handed on at the next event-loop turn."""
+        self.metrics.in_flight.dec()
+        asyncio.get_running_loop().call_soon(self._admission.release)
 
     async def _score(self, model: ServingModel, q: RankQuery, ctx: Context) -> RankResult:
         await self._admit()
@@ -418,8 +442,7 @@ class RankingService:
             stage.labels("inference").observe(prepared.timings["inference"])
             return model.ranker.finish(prepared, scores)
         finally:
-            self.metrics.in_flight.dec()
-            self._admission.release()
+            self._release()
 
     def _score_direct(self, model: ServingModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
         scores = model.bundle.scorer.score(inputs)

@@ -321,7 +321,6 @@ class HttpRunner:
         case: str,
         backend: str,
         workers: int,
-        loop: str = "uvloop",
         http: str = "httptools",
         env: dict[str, str] | None = None,
         **extra: Any,
@@ -339,9 +338,7 @@ class HttpRunner:
         elif backend == "off":
             settings["cache_enabled"] = False
         settings.update(extra)
-        server = BenchServer(
-            settings, workers=workers, loop=loop, http=http, log_dir=self.workdir, env=env
-        )
+        server = BenchServer(settings, workers=workers, http=http, log_dir=self.workdir, env=env)
         try:
             yield server
         finally:
@@ -554,8 +551,10 @@ def run_http_options(runner: HttpRunner, bundle: str, path: Path, plan: Plan) ->
                     option="batch_window_ms",
                     value=window,
                 )
-    for loop, http in (("uvloop", "httptools"), ("asyncio", "h11")):
-        with runner.server(path, TARGET_N, "hit", "memory", 1, loop=loop, http=http) as server:
+    for loop, http in (("asyncio", "httptools"), ("uvloop", "httptools"), ("asyncio", "h11")):
+        with runner.server(
+            path, TARGET_N, "hit", "memory", 1, http=http, event_loop=loop
+        ) as server:
             runner.warm(server, "/rank", hit_bodies, 1)
             for route, case, b in (
                 (FLOOR_PATH, "floor B", hit_bodies),

@@ -371,16 +371,9 @@ class RedisServer:
 
 
 # --- the service --------------------------------------------------------------------------
-SERVE_ON_LOOP = (
-    "import sys; from app.config import Settings; from app.server import run; "
-    "run(Settings(), loop=sys.argv[1])"
-)
-
-
 class ServiceProcess:
     """``python -m app.server`` (what ``unicorn serve`` runs) as its own process tree, with
-    ``UNICORN_*`` settings; its JSON log lines go to ``log_path``. ``loop`` other than
-    ``uvloop`` (the default of ``app.server.run``) serves on that event loop instead."""
+    ``UNICORN_*`` settings; its JSON log lines go to ``log_path``."""
 
     def __init__(
         self,
@@ -388,7 +381,6 @@ class ServiceProcess:
         *,
         log_path: Path | None = None,
         ready_timeout_s: float = 120.0,
-        loop: str = "uvloop",
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -406,13 +398,10 @@ class ServiceProcess:
             raise ValueError("several workers are followed through their INFO startup lines")
         self.log_path = log_path or Path(tempfile.gettempdir()) / f"unicorn-faults-{self.port}.log"
         self.ready_timeout_s = ready_timeout_s
-        self.loop = loop
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> ServiceProcess:
         command = [sys.executable, "-m", "app.server"]
-        if self.loop != "uvloop":  # app.server.run as `unicorn serve` runs it, on this loop
-            command = [sys.executable, "-c", SERVE_ON_LOOP, self.loop]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 command,
@@ -940,54 +929,104 @@ def _handling_p99(log: str, status: int) -> float:
     return float(np.percentile(values, 99)) if values else math.nan
 
 
-def scenario_overload(opts: Options, connections: int = 128) -> list[Row]:
-    """``wrk`` keeps ``connections`` requests outstanding (closed loop: far more than one
-    worker serves within its latency budget) against one worker with the cache off, while
-    a probe client sends 20 req/s open loop and times every call: admission control as
-    configured by default, effectively off, and on with the stdlib asyncio event loop."""
-    rows = []
-    variants = (
-        ("on (queue_timeout_ms=100, the default), uvloop (the default)", 100.0, "uvloop"),
-        ("off (queue_timeout_ms=60000), uvloop", 60000.0, "uvloop"),
-        ("on (queue_timeout_ms=100), stdlib asyncio loop", 100.0, "asyncio"),
+OPEN_LOOP_RATE = 250.0  # req/s the open-loop overload offers (the Python client can)
+OPEN_LOOP_RETRIEVED = 2000  # candidates per request: one worker then serves ~180 req/s
+
+
+def _overload_open_loop(opts: Options, label: str, extra: dict[str, Any]) -> Row:
+    """One worker (cache off, every call scored, 2,000 candidates) below capacity at
+    20 req/s, then offered ``OPEN_LOOP_RATE`` open loop: every call timed end to end."""
+    settings = {"bundle": opts.bundle, "cache_enabled": False}
+    settings.update(max_retrieved=OPEN_LOOP_RETRIEVED, **extra)
+    server = ServiceProcess(settings, log_path=_log(opts)).start()
+    try:
+        bodies = _bodies(server)
+        with LoadRunner(server.url, bodies, 20).running() as base:
+            time.sleep(opts.fault_s)
+        baseline = summarise(base.stop(), 0.5)
+        load = LoadRunner(server.url, bodies, OPEN_LOOP_RATE, connections=256, timeout_s=60)
+        with load.running():
+            time.sleep(2 * opts.fault_s)
+        samples = load.stop()
+        log = server.log()
+    finally:
+        server.stop()
+    accepted = summarise(samples, where=lambda s: s.status == 200)
+    shed = summarise(samples, where=lambda s: s.shed)
+    seconds = max(s.at for s in samples) if samples else math.nan
+    return Row(
+        fault=f"Overload, open loop: {OPEN_LOOP_RATE:.0f} req/s offered to one worker "
+        f"(cache off, {OPEN_LOOP_RETRIEVED} candidates per call), {label}",
+        sent=len(samples),
+        failures=summarise(samples).failed - shed.sent,
+        p99_fault_ms=accepted.p99_ms,
+        recovery="immediate (nothing queued)",
+        notes=f"served {accepted.sent / seconds:.0f} req/s; shed "
+        f"{shed.sent / max(len(samples), 1):.0%} (503 + Retry-After) with p50 "
+        f"{_ms(shed.p50_ms)} / p99 {_ms(shed.p99_ms)}; "
+        f"accepted p50 {_ms(accepted.p50_ms)} / p99 {_ms(accepted.p99_ms)} end to end "
+        f"(below capacity: p50 {_ms(baseline.p50_ms)} / p99 {_ms(baseline.p99_ms)}); "
+        f"server handling p99: 200 {_ms(_handling_p99(log, 200))}, "
+        f"503 {_ms(_handling_p99(log, 503))}",
+        baseline_p99_ms=baseline.p99_ms,
     )
-    for label, queue_ms, loop in variants:
-        settings = {"bundle": opts.bundle, "cache_enabled": False, "queue_timeout_ms": queue_ms}
-        server = ServiceProcess(settings, loop=loop, log_path=_log(opts)).start()
-        try:
-            bodies = _bodies(server)
-            with LoadRunner(server.url, bodies, 20).running() as base:
-                time.sleep(opts.fault_s)
-            baseline = summarise(base.stop(), 0.5)
-            probe = LoadRunner(server.url, bodies, 20, timeout_s=30).start()
-            wrk = run_wrk(server.url, bodies, connections, 2 * opts.fault_s)
-            samples = probe.stop()
-            log = server.log()
-        finally:
-            server.stop()
-        accepted = summarise(samples, where=lambda s: s.status == 200)
-        shed = summarise(samples, where=lambda s: s.shed)
-        seconds = wrk["duration_us"] / 1e6
-        goodput = (wrk["requests"] - wrk["non2xx"]) / seconds
-        rows.append(
-            Row(
-                fault=f"Overload, admission control {label}: wrk {connections} connections "
-                f"(closed loop) + a 20 req/s probe, cache off",
-                sent=wrk["requests"] + len(samples),
-                failures=wrk["socket_errors"] + summarise(samples).failed - shed.sent,
-                p99_fault_ms=accepted.p99_ms,
-                recovery="immediate (nothing queued)",
-                notes=f"{wrk['non2xx'] / max(wrk['requests'], 1):.0%} of wrk's calls shed (503 + "
-                f"Retry-After), goodput {goodput:.0f} req/s; probe: accepted p50 "
-                f"{_ms(accepted.p50_ms)} / p99 {_ms(accepted.p99_ms)}, shed {shed.sent} with p50 "
-                f"{_ms(shed.p50_ms)} / p99 {_ms(shed.p99_ms)}; wrk (all calls) p50 "
-                f"{wrk['p50_us'] / 1000:.0f} / p99 {wrk['p99_us'] / 1000:.0f} ms, "
-                f"{wrk['socket_errors']} timeouts/errors; server handling p99: 200 "
-                f"{_ms(_handling_p99(log, 200))}, 503 {_ms(_handling_p99(log, 503))}",
-                baseline_p99_ms=baseline.p99_ms,
-            )
-        )
-    return rows
+
+
+def _overload_flood(opts: Options, label: str, extra: dict[str, Any], connections: int) -> Row:
+    """``wrk`` keeps ``connections`` calls outstanding and sends the next the moment an
+    answer (a 503 too) arrives, against one worker with the cache off, while a probe
+    client sends 20 req/s open loop and times every call end to end."""
+    settings = {"bundle": opts.bundle, "cache_enabled": False, **extra}
+    server = ServiceProcess(settings, log_path=_log(opts)).start()
+    try:
+        bodies = _bodies(server)
+        with LoadRunner(server.url, bodies, 20).running() as base:
+            time.sleep(opts.fault_s)
+        baseline = summarise(base.stop(), 0.5)
+        probe = LoadRunner(server.url, bodies, 20, timeout_s=30).start()
+        wrk = run_wrk(server.url, bodies, connections, 2 * opts.fault_s)
+        samples = probe.stop()
+        log = server.log()
+    finally:
+        server.stop()
+    accepted = summarise(samples, where=lambda s: s.status == 200)
+    shed = summarise(samples, where=lambda s: s.shed)
+    seconds = wrk["duration_us"] / 1e6
+    goodput = (wrk["requests"] - wrk["non2xx"]) / seconds
+    return Row(
+        fault=f"Overload, closed loop: wrk {connections} connections retrying at once "
+        f"+ a 20 req/s probe, one worker (cache off), {label}",
+        sent=wrk["requests"] + len(samples),
+        failures=wrk["socket_errors"] + summarise(samples).failed - shed.sent,
+        p99_fault_ms=accepted.p99_ms,
+        recovery="immediate (nothing queued)",
+        notes=f"served {goodput:.0f} req/s, {wrk['non2xx'] / max(wrk['requests'], 1):.0%} of "
+        f"wrk's calls shed; wrk (all calls) p50 {wrk['p50_us'] / 1000:.0f} / p99 "
+        f"{wrk['p99_us'] / 1000:.0f} ms; probe: accepted {accepted.sent}, p50 "
+        f"{_ms(accepted.p50_ms)} / p99 {_ms(accepted.p99_ms)}, shed {shed.sent}, p50 "
+        f"{_ms(shed.p50_ms)} / p99 {_ms(shed.p99_ms)}; {wrk['socket_errors']} "
+        f"timeouts/errors; server handling p99: 200 {_ms(_handling_p99(log, 200))}, "
+        f"503 {_ms(_handling_p99(log, 503))}",
+        baseline_p99_ms=baseline.p99_ms,
+    )
+
+
+def scenario_overload(opts: Options, connections: int = 128) -> list[Row]:
+    """Load above the capacity of one worker: open loop (a fixed arrival rate, which
+    admission control is for) with the defaults, with one slot, and with admission
+    control effectively off; then a closed-loop flood of clients that retry the moment
+    they are refused, with 4 (the default), 1 and 16 slots."""
+    return [
+        _overload_open_loop(opts, "defaults (max_in_flight=4, queue_timeout_ms=100)", {}),
+        _overload_open_loop(opts, "max_in_flight=1", {"max_in_flight": 1}),
+        _overload_open_loop(opts, "stdlib asyncio loop", {"event_loop": "asyncio"}),
+        _overload_open_loop(
+            opts, "admission control off (queue_timeout_ms=60000)", {"queue_timeout_ms": 60000}
+        ),
+        _overload_flood(opts, "defaults (max_in_flight=4)", {}, connections),
+        _overload_flood(opts, "max_in_flight=1", {"max_in_flight": 1}, connections),
+        _overload_flood(opts, "max_in_flight=16", {"max_in_flight": 16}, connections),
+    ]
 
 
 SCENARIOS: dict[str, Callable[[Options], Row | list[Row]]] = {

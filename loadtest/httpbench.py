@@ -113,7 +113,6 @@ class BenchServer:
         self,
         settings: dict[str, Any],
         workers: int = 1,
-        loop: str = "uvloop",
         http: str = "httptools",
         log_dir: Path | None = None,
         module: str = "loadtest.serve",
@@ -140,7 +139,7 @@ class BenchServer:
         log_dir = log_dir or Path(tempfile.gettempdir())
         self.log_path = log_dir / f"unicorn-bench-{self.port}.log"
         self._log = self.log_path.open("wb")
-        args = ["--loop", loop, "--http", http] if module == "loadtest.serve" else []
+        args = ["--http", http] if module == "loadtest.serve" else []
         self.process = subprocess.Popen(
             [sys.executable, "-m", module, *args],
             env=env,

@@ -450,8 +450,8 @@ async def test_requests_over_the_slot_limit_are_shed_with_retry_after(
 async def test_requests_queued_on_a_busy_loop_are_shed(
     settings_for: Callable[..., Settings], running_app: Callable[[Settings], Any]
 ) -> None:
-    """Inline scoring blocks the loop; requests that waited past the timeout get 503."""
-    settings = settings_for(queue_timeout_ms=100, cache_enabled=False)
+    """Inline scoring blocks the loop; requests queued behind it past the timeout get 503."""
+    settings = settings_for(max_in_flight=1, queue_timeout_ms=100, cache_enabled=False)
     async with running_app(settings) as (app, client):
         scorer = app.state.service.model.bundle.scorer
         real_score = scorer.score
@@ -469,6 +469,47 @@ async def test_requests_queued_on_a_busy_loop_are_shed(
             scorer.score = real_score
         statuses = [r.status_code for r in responses]
         assert 200 in statuses and 503 in statuses, statuses
+
+
+async def test_the_loop_reads_new_requests_between_inline_scorings(
+    settings_for: Callable[..., Settings], running_app: Callable[[Settings], Any]
+) -> None:
+    """A slot is handed on at the next event-loop turn, so queued scorings do not run back
+    to back: a health check sent behind four slow /rank calls is answered before the
+    last of them, and the /rank calls finish first come, first served."""
+    settings = settings_for(max_in_flight=1, queue_timeout_ms=5000, cache_enabled=False)
+    async with running_app(settings) as (app, client):
+        scorer = app.state.service.model.bundle.scorer
+        real_score = scorer.score
+
+        def slow_score(inputs: dict[str, np.ndarray]) -> np.ndarray:
+            time.sleep(0.1)  # blocks the event loop
+            return real_score(inputs)
+
+        finished: list[str] = []
+
+        async def call(name: str, method: str, path: str, **kwargs: Any) -> int:
+            response = await client.request(method, path, **kwargs)
+            finished.append(name)
+            return response.status_code
+
+        scorer.score = slow_score
+        try:
+            ranks = [
+                asyncio.create_task(
+                    call(f"rank{i}", "POST", "/rank", json={"task": "prequery", "k": 2 + i})
+                )
+                for i in range(4)
+            ]
+            await asyncio.sleep(0.05)  # all four are in: the first is scoring
+            health = asyncio.create_task(call("health", "GET", "/healthz"))
+            statuses = await asyncio.gather(*ranks, health)
+        finally:
+            scorer.score = real_score
+    assert statuses == [200] * 5
+    assert finished.index("health") < finished.index("rank3"), finished
+    ranked = [name for name in finished if name.startswith("rank")]
+    assert ranked == sorted(ranked), finished
 
 
 async def test_micro_batched_scores_equal_unbatched_scores(

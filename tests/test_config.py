@@ -19,7 +19,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (s.cache_timeout_ms, s.ort_intra_op_threads, s.ort_inter_op_threads) == (50.0, 1, 1)
     assert (s.batch_window_ms, s.max_batch_size, s.max_query_chars) == (0.0, 4096, 200)
     assert (s.max_candidates, s.max_retrieved, s.max_body_bytes) == (1000, 300, 256 * 1024)
-    assert (s.max_in_flight, s.queue_timeout_ms, s.admin_token) == (64, 100.0, None)
+    assert (s.max_in_flight, s.queue_timeout_ms, s.admin_token) == (4, 100.0, None)
     assert (s.log_queries, s.log_level, s.cache_backend) == (False, "INFO", "memory")
 
 
@@ -41,6 +41,7 @@ def test_environment_variables_use_the_unicorn_prefix(monkeypatch: pytest.Monkey
         ({"log_level": "loud"}, "log_level must be one of"),
         ({"max_batch_size": 500}, "max_batch_size (500) must be >= the largest request"),
         ({"max_in_flight": 0}, "greater than or equal to 1"),
+        ({"event_loop": "tokio"}, "Input should be 'asyncio' or 'uvloop'"),
         ({"cache_timeout_ms": 0}, "greater than 0"),
         ({"no_such_setting": 1}, "Extra inputs are not permitted"),
     ],
@@ -69,6 +70,7 @@ def test_settings_reach_workers_through_the_environment(monkeypatch: pytest.Monk
         admin_token=SecretStr("x" * 20),
         log_queries=True,
         batch_window_ms=2.5,
+        event_loop="asyncio",
     )
     for name, value in original.to_env().items():
         monkeypatch.setenv(name, value)
@@ -80,6 +82,23 @@ def test_cli_options_override_the_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("UNICORN_WORKERS", "3")
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
-    s = settings_from_args(parser.parse_args(["--port", "8123", "--no-cache", "--log-queries"]))
+    s = settings_from_args(
+        parser.parse_args(
+            ["--port", "8123", "--no-cache", "--log-queries", "--event-loop", "asyncio"]
+        )
+    )
     assert (s.port, s.workers, s.cache_enabled, s.log_queries) == (8123, 3, False, True)
+    assert s.event_loop == "asyncio"
     assert s.cache_backend == "off"
+
+
+def test_scoring_slots_default_to_more_when_micro_batching_holds_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings().max_in_flight == 4  # inline: requests scored per event-loop turn
+    assert Settings(batch_window_ms=2).max_in_flight == 64  # a batch window holds its slots
+    assert Settings(batch_window_ms=2, max_in_flight=3).max_in_flight == 3
+    monkeypatch.setenv("UNICORN_BATCH_WINDOW_MS", "5")
+    assert Settings().max_in_flight == 64
+    monkeypatch.setenv("UNICORN_MAX_IN_FLIGHT", "7")
+    assert Settings().max_in_flight == 7
