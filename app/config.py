@@ -146,9 +146,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65_535, description="TCP port.")
     workers: int = Field(default=1, ge=1, le=256, description="uvicorn worker processes.")
     event_loop: EventLoop = Field(
-        default="uvloop",
-        description="uvloop or asyncio (stdlib): uvloop is ~3% faster per scored request "
-        "and 4-9% more cache hits per second (docs/BENCHMARKS.md).",
+        default="asyncio",
+        description="asyncio (stdlib) or uvloop. uvloop is a few percent faster below "
+        "capacity (docs/BENCHMARKS.md), but under a flood of clients retrying at once it "
+        "left some connections unread for seconds (docs/RELIABILITY.md).",
     )
     metrics_dir: Path | None = Field(
         default=None,

@@ -1,5 +1,5 @@
-"""``unicorn serve``: run the service with uvicorn (httptools; uvloop by default, the stdlib
-asyncio loop with ``--event-loop asyncio``).
+"""``unicorn serve``: run the service with uvicorn (httptools; the stdlib asyncio loop by
+default, uvloop with ``--event-loop uvloop``).
 
     unicorn serve --bundle bundles/demo --port 8000 --workers 2 --redis-url redis://...
     python -m app.server --bundle bundles/demo          # the same without the CLI
@@ -44,7 +44,7 @@ SERVE_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--workers", "workers", int, "uvicorn worker processes"),
     ("--redis-url", "redis_url", str, "shared Redis cache (default: in-process cache)"),
     ("--log-level", "log_level", str, "CRITICAL | ERROR | WARNING | INFO | DEBUG"),
-    ("--event-loop", "event_loop", str, "uvloop (default) | asyncio"),
+    ("--event-loop", "event_loop", str, "asyncio (default) | uvloop"),
     ("--batch-window-ms", "batch_window_ms", float, "micro-batching window, 0 = off"),
     ("--max-in-flight", "max_in_flight", int, "requests in the scoring section at once"),
     ("--queue-timeout-ms", "queue_timeout_ms", float, "wait for a scoring slot, then 503"),

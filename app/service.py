@@ -17,15 +17,9 @@ runs): one request at a time, inline p50 2.13 ms vs 2.47 ms through a thread poo
 hop costs ~0.3 ms); at 8 concurrent requests throughput was within noise (the GIL-bound
 feature code does not overlap). More cores are used with more workers (processes).
 
-Admission control (``_admit``) is a FIFO of scoring slots (``max_in_flight``). Inline
-scoring never yields, so a slot is handed back one event-loop turn after the scoring
-ends (``call_soon``): at most ``max_in_flight`` requests are scored per turn, and the loop
-reads new connections between them. Without that, every request parsed in one turn was
-scored in the next, back to back, and a request arriving meanwhile sat unread for all of
-it, where no timeout could see it (end-to-end p99 several times ``queue_timeout_ms``
-under overload; docs/RELIABILITY.md). A request waits at most ``queue_timeout_ms`` for a
-slot, and is refused at once when the requests ahead of it would already take longer
-(at the measured scoring time): 503 + ``Retry-After``.
+Admission control (``app.admission``): scoring slots, first come, first served, each
+handed on one event-loop turn after its scoring so that the loop reads new requests
+between turns; refusals are 503 + ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -39,13 +33,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import orjson
 from pydantic import ValidationError
 
 from app.access_log import AccessRecord, hash_user
+from app.admission import Admission
 from app.batching import BatchClosed, MicroBatcher, concatenate_requests
 from app.bundle import Bundle, load_bundle
 from app.cache import (
@@ -194,11 +189,11 @@ class RankingService:
         self.limits = RankLimits(settings.max_query_chars, settings.max_candidates)
         salt = settings.log_user_salt
         self._user_key = salt.get_secret_value().encode() if salt else os.urandom(16)
-        self._queue_timeout = settings.queue_timeout_ms / 1000.0
-        self._admission = asyncio.Semaphore(settings.max_in_flight)
-        self._waiting = 0  # requests queued at the semaphore now
-        self._granted_at = 0.0  # when a queued request last got a slot
-        self._grant_s = 0.0  # moving average of the time between grants to queued requests
+        self.admission = Admission(
+            settings.max_in_flight,
+            settings.queue_timeout_ms / 1000.0,
+            adaptive=settings.batch_window_ms == 0,  # fair share is for inline scoring
+        )
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
         self._sighup_installed = False
@@ -380,47 +375,14 @@ class RankingService:
             return None
         return items
 
-    async def _admit(self) -> None:
-        """Take a scoring slot (first come, first served), or raise ``Overloaded``: at once
-        when the requests already queued would take ``queue_timeout_ms`` or more at the
-        rate the queue has been moving, else after waiting ``queue_timeout_ms``."""
-        if not self._admission.locked():
-            await self._admission.acquire()  # a free slot: no suspension
-            return
-        if (self._waiting + 1) * self._grant_s >= self._queue_timeout:
-            self._shed("the requests queued ahead would take longer than")
-        self._waiting += 1
-        try:
-            async with asyncio.timeout(self._queue_timeout):
-                await self._admission.acquire()
-        except TimeoutError:
-            self._shed("no scoring slot within")
-        finally:
-            self._waiting -= 1
-        now = time.perf_counter()
-        interval = now - self._granted_at
-        self._granted_at = now
-        if interval < self._queue_timeout:  # the queue was moving, not restarting
-            self._grant_s = (
-                interval if self._grant_s == 0.0 else 0.8 * self._grant_s + 0.2 * interval
-            )
-
-    def _shed(self, why: str) -> NoReturn:
-        self.metrics.shed.inc()
-        raise Overloaded(
-            f"{why} queue_timeout_ms={self.settings.queue_timeout_ms:g} "
-            f"(max_in_flight={self.settings.max_in_flight}); retry shortly",
-            field=None,
-        )
-
-    def _release(self) -> None:
-        """End a scoring section; its slot is handed on at the next event-loop turn."""
-        self.metrics.in_flight.dec()
-        asyncio.get_running_loop().call_soon(self._admission.release)
-
     async def _score(self, model: ServingModel, q: RankQuery, ctx: Context) -> RankResult:
-        await self._admit()
+        try:
+            await self.admission.enter()
+        except Overloaded:
+            self.metrics.shed.inc()
+            raise
         self.metrics.in_flight.inc()
+        started = time.perf_counter()
         try:
             prepared = model.ranker.prepare(q, ctx)
             stage = self.metrics.stage_latency
@@ -442,7 +404,8 @@ class RankingService:
             stage.labels("inference").observe(prepared.timings["inference"])
             return model.ranker.finish(prepared, scores)
         finally:
-            self._release()
+            self.metrics.in_flight.dec()
+            self.admission.leave(time.perf_counter() - started)
 
     def _score_direct(self, model: ServingModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
         scores = model.bundle.scorer.score(inputs)

@@ -551,6 +551,26 @@ def run_http_options(runner: HttpRunner, bundle: str, path: Path, plan: Plan) ->
                     option="batch_window_ms",
                     value=window,
                 )
+    # The event loop on scored requests (the cells below measure it on hits and Floor B).
+    for loop in ("asyncio", "uvloop"):
+        with runner.server(path, TARGET_N, "miss", "memory", 1, event_loop=loop) as server:
+            runner.warm(server, "/rank", bodies)
+            for conc in (1, 8):
+                runner.cell(
+                    server,
+                    "/rank",
+                    bodies,
+                    conc,
+                    bundle=bundle,
+                    n=TARGET_N,
+                    task="search",
+                    case="miss",
+                    backend="memory",
+                    workers=1,
+                    intended="miss",
+                    option="event_loop",
+                    value=loop,
+                )
     for loop, http in (("asyncio", "httptools"), ("uvloop", "httptools"), ("asyncio", "h11")):
         with runner.server(
             path, TARGET_N, "hit", "memory", 1, http=http, event_loop=loop

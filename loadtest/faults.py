@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -929,103 +929,115 @@ def _handling_p99(log: str, status: int) -> float:
     return float(np.percentile(values, 99)) if values else math.nan
 
 
+T = TypeVar("T")
 OPEN_LOOP_RATE = 250.0  # req/s the open-loop overload offers (the Python client can)
 OPEN_LOOP_RETRIEVED = 2000  # candidates per request: one worker then serves ~180 req/s
 
 
-def _overload_open_loop(opts: Options, label: str, extra: dict[str, Any]) -> Row:
-    """One worker (cache off, every call scored, 2,000 candidates) below capacity at
-    20 req/s, then offered ``OPEN_LOOP_RATE`` open loop: every call timed end to end."""
-    settings = {"bundle": opts.bundle, "cache_enabled": False}
-    settings.update(max_retrieved=OPEN_LOOP_RETRIEVED, **extra)
+def _overload_run(
+    opts: Options, settings: dict[str, Any], overload: Callable[[str, list[dict[str, Any]]], T]
+) -> tuple[Window, T, str]:
+    """One worker with ``settings`` (cache off): 20 req/s below capacity, then
+    ``overload(url, bodies)``; the below-capacity window, what ``overload`` returned and
+    the server log."""
+    settings = {"bundle": opts.bundle, "cache_enabled": False, **settings}
     server = ServiceProcess(settings, log_path=_log(opts)).start()
     try:
         bodies = _bodies(server)
         with LoadRunner(server.url, bodies, 20).running() as base:
             time.sleep(opts.fault_s)
         baseline = summarise(base.stop(), 0.5)
-        load = LoadRunner(server.url, bodies, OPEN_LOOP_RATE, connections=256, timeout_s=60)
-        with load.running():
-            time.sleep(2 * opts.fault_s)
-        samples = load.stop()
+        result = overload(server.url, bodies)
         log = server.log()
     finally:
         server.stop()
+    return baseline, result, log
+
+
+def _overload_notes(samples: list[Sample], log: str) -> tuple[Window, str]:
+    """The accepted calls, and what the notes column says of accepted and shed calls."""
     accepted = summarise(samples, where=lambda s: s.status == 200)
     shed = summarise(samples, where=lambda s: s.shed)
-    seconds = max(s.at for s in samples) if samples else math.nan
+    return accepted, (
+        f"accepted {accepted.sent}, p50 {_ms(accepted.p50_ms)} / p99 {_ms(accepted.p99_ms)}"
+        f" end to end; shed {shed.sent} ({shed.sent / max(len(samples), 1):.0%}, 503 + "
+        f"Retry-After), p50 {_ms(shed.p50_ms)} / p99 {_ms(shed.p99_ms)}; server handling "
+        f"p99: 200 {_ms(_handling_p99(log, 200))}, 503 {_ms(_handling_p99(log, 503))}"
+    )
+
+
+def _overload_open_loop(opts: Options, label: str, extra: dict[str, Any]) -> Row:
+    """``OPEN_LOOP_RATE`` offered open loop to one worker with 2,000 candidates a call."""
+
+    def offer(url: str, bodies: list[dict[str, Any]]) -> list[Sample]:
+        load = LoadRunner(url, bodies, OPEN_LOOP_RATE, connections=256, timeout_s=60)
+        with load.running():
+            time.sleep(2 * opts.fault_s)
+        return load.stop()
+
+    settings = {"max_retrieved": OPEN_LOOP_RETRIEVED, **extra}
+    baseline, samples, log = _overload_run(opts, settings, offer)
+    accepted, notes = _overload_notes(samples, log)
+    # served per second: over the time until the last answer (a queue drains late)
+    seconds = max((s.at + s.latency for s in samples), default=math.nan)
     return Row(
         fault=f"Overload, open loop: {OPEN_LOOP_RATE:.0f} req/s offered to one worker "
         f"(cache off, {OPEN_LOOP_RETRIEVED} candidates per call), {label}",
         sent=len(samples),
-        failures=summarise(samples).failed - shed.sent,
+        failures=summarise(samples).failed - summarise(samples, where=lambda s: s.shed).sent,
         p99_fault_ms=accepted.p99_ms,
         recovery="immediate (nothing queued)",
-        notes=f"served {accepted.sent / seconds:.0f} req/s; shed "
-        f"{shed.sent / max(len(samples), 1):.0%} (503 + Retry-After) with p50 "
-        f"{_ms(shed.p50_ms)} / p99 {_ms(shed.p99_ms)}; "
-        f"accepted p50 {_ms(accepted.p50_ms)} / p99 {_ms(accepted.p99_ms)} end to end "
-        f"(below capacity: p50 {_ms(baseline.p50_ms)} / p99 {_ms(baseline.p99_ms)}); "
-        f"server handling p99: 200 {_ms(_handling_p99(log, 200))}, "
-        f"503 {_ms(_handling_p99(log, 503))}",
+        notes=f"served {accepted.sent / seconds:.0f} req/s; {notes}; below capacity: p50 "
+        f"{_ms(baseline.p50_ms)} / p99 {_ms(baseline.p99_ms)}",
         baseline_p99_ms=baseline.p99_ms,
     )
 
 
 def _overload_flood(opts: Options, label: str, extra: dict[str, Any], connections: int) -> Row:
     """``wrk`` keeps ``connections`` calls outstanding and sends the next the moment an
-    answer (a 503 too) arrives, against one worker with the cache off, while a probe
-    client sends 20 req/s open loop and times every call end to end."""
-    settings = {"bundle": opts.bundle, "cache_enabled": False, **extra}
-    server = ServiceProcess(settings, log_path=_log(opts)).start()
-    try:
-        bodies = _bodies(server)
-        with LoadRunner(server.url, bodies, 20).running() as base:
-            time.sleep(opts.fault_s)
-        baseline = summarise(base.stop(), 0.5)
-        probe = LoadRunner(server.url, bodies, 20, timeout_s=30).start()
-        wrk = run_wrk(server.url, bodies, connections, 2 * opts.fault_s)
-        samples = probe.stop()
-        log = server.log()
-    finally:
-        server.stop()
-    accepted = summarise(samples, where=lambda s: s.status == 200)
-    shed = summarise(samples, where=lambda s: s.shed)
-    seconds = wrk["duration_us"] / 1e6
-    goodput = (wrk["requests"] - wrk["non2xx"]) / seconds
+    answer (a 503 too) arrives, while a probe client sends 20 req/s open loop and times
+    every call end to end."""
+
+    def flood(url: str, bodies: list[dict[str, Any]]) -> tuple[dict[str, Any], list[Sample]]:
+        probe = LoadRunner(url, bodies, 20, timeout_s=30).start()
+        wrk = run_wrk(url, bodies, connections, 2 * opts.fault_s)
+        return wrk, probe.stop()
+
+    baseline, (wrk, samples), log = _overload_run(opts, extra, flood)
+    accepted, notes = _overload_notes(samples, log)
+    goodput = (wrk["requests"] - wrk["non2xx"]) / (wrk["duration_us"] / 1e6)
     return Row(
         fault=f"Overload, closed loop: wrk {connections} connections retrying at once "
         f"+ a 20 req/s probe, one worker (cache off), {label}",
         sent=wrk["requests"] + len(samples),
-        failures=wrk["socket_errors"] + summarise(samples).failed - shed.sent,
+        failures=wrk["socket_errors"]
+        + summarise(samples).failed
+        - summarise(samples, where=lambda s: s.shed).sent,
         p99_fault_ms=accepted.p99_ms,
         recovery="immediate (nothing queued)",
         notes=f"served {goodput:.0f} req/s, {wrk['non2xx'] / max(wrk['requests'], 1):.0%} of "
         f"wrk's calls shed; wrk (all calls) p50 {wrk['p50_us'] / 1000:.0f} / p99 "
-        f"{wrk['p99_us'] / 1000:.0f} ms; probe: accepted {accepted.sent}, p50 "
-        f"{_ms(accepted.p50_ms)} / p99 {_ms(accepted.p99_ms)}, shed {shed.sent}, p50 "
-        f"{_ms(shed.p50_ms)} / p99 {_ms(shed.p99_ms)}; {wrk['socket_errors']} "
-        f"timeouts/errors; server handling p99: 200 {_ms(_handling_p99(log, 200))}, "
-        f"503 {_ms(_handling_p99(log, 503))}",
+        f"{wrk['p99_us'] / 1000:.0f} ms, {wrk['socket_errors']} timeouts/errors; probe: "
+        f"{notes}",
         baseline_p99_ms=baseline.p99_ms,
     )
 
 
 def scenario_overload(opts: Options, connections: int = 128) -> list[Row]:
     """Load above the capacity of one worker: open loop (a fixed arrival rate, which
-    admission control is for) with the defaults, with one slot, and with admission
-    control effectively off; then a closed-loop flood of clients that retry the moment
-    they are refused, with 4 (the default), 1 and 16 slots."""
+    admission control is for), then a closed-loop flood of clients that retry the moment
+    they are refused; each with the defaults, one slot, uvloop, and (open loop) admission
+    control effectively off."""
     return [
         _overload_open_loop(opts, "defaults (max_in_flight=4, queue_timeout_ms=100)", {}),
         _overload_open_loop(opts, "max_in_flight=1", {"max_in_flight": 1}),
-        _overload_open_loop(opts, "stdlib asyncio loop", {"event_loop": "asyncio"}),
+        _overload_open_loop(opts, "uvloop", {"event_loop": "uvloop"}),
         _overload_open_loop(
             opts, "admission control off (queue_timeout_ms=60000)", {"queue_timeout_ms": 60000}
         ),
         _overload_flood(opts, "defaults (max_in_flight=4)", {}, connections),
         _overload_flood(opts, "max_in_flight=1", {"max_in_flight": 1}, connections),
-        _overload_flood(opts, "max_in_flight=16", {"max_in_flight": 16}, connections),
+        _overload_flood(opts, "uvloop", {"event_loop": "uvloop"}, connections),
     ]
 
 

@@ -644,7 +644,7 @@ def targets(res: Results) -> list[list[object]]:
     if stack and res.serialisation:
         rows.append(
             [
-                "orjson responses, uvloop + httptools measured",
+                "orjson responses, event loop and HTTP parser measured",
                 ", ".join(f"{r.extra['value']} {r.case} c{r.conc} {r.rps:.0f}/s" for r in stack)
                 + (
                     f"; orjson encodes a 20-item response in "

@@ -243,7 +243,7 @@ class LiveServer:
         self.port = int(self.sock.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            app, loop="uvloop", http="httptools", lifespan="on", log_config=None,
+            app, loop="asyncio", http="httptools", lifespan="on", log_config=None,
             access_log=False, timeout_graceful_shutdown=5,
         )  # fmt: skip
         self.server = uvicorn.Server(config)

@@ -1,0 +1,144 @@
+"""Admission control on a real event loop (``app.admission``): first come first served,
+slots handed on at the next turn, refusals, and the fair share of the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from app.admission import WINDOW_S, Admission
+from app.errors import Overloaded
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_slots_are_granted_first_come_first_served() -> None:
+    admission = Admission(1, 5.0)
+    await admission.enter()
+    order: list[int] = []
+
+    async def queued(i: int) -> None:
+        await admission.enter()
+        order.append(i)
+        admission.leave(0.0)
+
+    tasks = [asyncio.create_task(queued(i)) for i in range(5)]
+    await asyncio.sleep(0.01)
+    assert admission.waiting == 5 and order == []
+    admission.leave(0.0)
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2, 3, 4]
+
+
+async def test_a_slot_is_handed_on_at_the_next_turn_not_within_the_same_one() -> None:
+    """Two requests reaching admission in one turn are not both scored in it: the second
+    waits for the slot the first hands on after a turn of the loop."""
+    admission = Admission(1, 5.0)
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count_turns())
+    await asyncio.sleep(0)
+    await admission.enter()
+    second = asyncio.create_task(admission.enter())
+    await asyncio.sleep(0)
+    assert not second.done()  # the slot is held
+    before = turns
+    admission.leave(0.0)
+    assert not second.done()  # not granted within this turn
+    await second
+    assert turns > before  # the loop turned in between
+    counter.cancel()
+
+
+async def test_a_request_waits_at_most_the_queue_timeout_then_is_refused() -> None:
+    admission = Admission(1, 0.05)
+    await admission.enter()  # held and never left
+    started = time.perf_counter()
+    with pytest.raises(Overloaded) as info:
+        await admission.enter()
+    assert 0.04 <= time.perf_counter() - started < 1.0
+    assert "no scoring slot within queue_timeout_ms=50" in info.value.message
+    assert "max_in_flight=1" in info.value.message
+    assert admission.waiting == 0
+
+
+async def test_a_queue_longer_than_the_timeout_is_refused_at_once() -> None:
+    """Once grants have been seen to take 30 ms each, a request with three ahead of it
+    (120 ms > the 100 ms timeout) is refused without waiting."""
+    admission = Admission(1, 0.1)
+    await admission.enter()
+
+    async def one() -> None:
+        await admission.enter()
+        await asyncio.sleep(0.03)  # holds the slot 30 ms
+        admission.leave(0.03)
+
+    first = [asyncio.create_task(one()) for _ in range(3)]
+    await asyncio.sleep(0.001)
+    admission.leave(0.0)
+    await asyncio.gather(*first)  # the queue moved every ~30 ms
+    await admission.enter()  # hold the slot again
+    held = [asyncio.create_task(one()) for _ in range(3)]
+    await asyncio.sleep(0.001)
+    assert admission.waiting == 3
+    started = time.perf_counter()
+    with pytest.raises(Overloaded) as info:
+        await admission.enter()
+    assert time.perf_counter() - started < 0.01
+    assert "the requests queued ahead would take longer than" in info.value.message
+    for task in held:
+        task.cancel()
+    await asyncio.gather(*held, return_exceptions=True)
+
+
+async def test_fair_share_adds_slots_while_other_work_crowds_scoring_out_then_takes_them_back() -> (
+    None
+):
+    """Other work (think: refusing a flood) blocks the loop 8 ms every turn while queued
+    requests score 1 ms each: scoring gets far less than half of the loop, so slots are
+    added; once the other work stops and nobody waits, they are taken back."""
+    admission = Admission(2, 5.0, adaptive=True, max_slots=32)
+    stop = asyncio.Event()
+
+    async def other_work() -> None:
+        while not stop.is_set():
+            time.sleep(0.008)
+            await asyncio.sleep(0)
+
+    async def requester() -> None:
+        while not stop.is_set():
+            await admission.enter()
+            time.sleep(0.001)
+            admission.leave(0.001)
+            await asyncio.sleep(0)
+
+    tasks = [asyncio.create_task(other_work())]
+    tasks += [asyncio.create_task(requester()) for _ in range(40)]
+    await asyncio.sleep(1.0)
+    grown = admission.slots
+    stop.set()
+    await asyncio.gather(*tasks)
+    assert 2 < grown <= 32
+    for _ in range(int(2 * grown * 5)):  # one request at a time: nobody waits
+        await admission.enter()
+        admission.leave(0.001)
+        await asyncio.sleep(WINDOW_S / 5)
+        if admission.slots == 2:
+            break
+    assert admission.slots == 2
+
+
+async def test_without_fair_share_the_slots_stay_fixed() -> None:
+    admission = Admission(2, 5.0)
+    assert admission.max_slots == 2
+    await admission.enter()
+    admission.leave(0.001)
+    assert admission.slots == 2
