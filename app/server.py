@@ -167,9 +167,25 @@ def run(
         _prepare_multiprocess_metrics(settings)
         os.environ.update(settings.to_env())
         os.environ[WORKER_FACTORY_ENV] = app_factory
-        uvicorn.run(WORKER_ENTRY, factory=True, workers=settings.workers, **common)
+        _run_workers(uvicorn.Config(WORKER_ENTRY, factory=True, workers=settings.workers, **common))
     else:
         uvicorn.run(import_from_string(app_factory)(settings), **common)
+
+
+def _run_workers(config: Any) -> None:
+    """What ``uvicorn.run`` does with several workers, with TCP_NODELAY on the listening
+    socket, which the connections it accepts inherit. uvicorn creates that socket with
+    protocol 0, and asyncio's transports only set TCP_NODELAY on sockets whose protocol
+    is IPPROTO_TCP. Without it, a response's header and body writes met delayed ACKs:
+    2 workers on the asyncio loop took p50 45.8 ms against 4.1 ms with 1 worker."""
+    import socket
+
+    from uvicorn.supervisors import Multiprocess
+
+    sock = config.bind_socket()
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    Multiprocess(config, sockets=[sock]).run()
 
 
 def serve_from_args(args: argparse.Namespace) -> int:

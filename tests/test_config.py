@@ -102,3 +102,31 @@ def test_scoring_slots_default_to_more_when_micro_batching_holds_them(
     assert Settings().max_in_flight == 64
     monkeypatch.setenv("UNICORN_MAX_IN_FLIGHT", "7")
     assert Settings().max_in_flight == 7
+
+
+def test_several_workers_listen_on_a_socket_with_tcp_nodelay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Accepted connections inherit TCP_NODELAY from the listening socket; uvicorn's has
+    protocol 0, so asyncio would not set it (responses then waited for delayed ACKs)."""
+    import socket
+
+    import uvicorn
+    import uvicorn.supervisors
+
+    from app.server import WORKER_ENTRY, _run_workers
+
+    seen: list[int] = []
+
+    class Supervisor:
+        def __init__(self, config: object, sockets: list[socket.socket]) -> None:
+            seen.extend(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)
+            for s in sockets:
+                s.close()
+
+        def run(self) -> None:
+            return None
+
+    monkeypatch.setattr(uvicorn.supervisors, "Multiprocess", Supervisor)
+    _run_workers(uvicorn.Config(WORKER_ENTRY, factory=True, workers=2, port=0))
+    assert seen and all(seen)
