@@ -74,11 +74,11 @@ class Settings(BaseSettings):
         ge=1,
         le=100_000,
         description=f"Scoring slots (cache hits skip them). Inline scoring holds a slot until "
-        f"the next event-loop turn, so this is also the most requests scored per turn: "
-        f"fewer keep the loop reading new requests (tail latency under overload), more "
-        f"keep throughput when clients retry at once (docs/RELIABILITY.md). With "
-        f"micro-batching (default {BATCHING_SLOTS} then), the most requests a batch gathers.",
+        f"the next event-loop turn, so this is the most requests scored per turn (more "
+        f"while refusals crowd scoring out of the loop: up to 16x). With micro-batching "
+        f"(default {BATCHING_SLOTS} then), the most requests a batch gathers.",
     )
+
     queue_timeout_ms: float = Field(
         default=100.0,
         ge=0.0,
