@@ -14,8 +14,10 @@ version is part of the cache key, so a new model never serves the old model's en
 Inference runs inline on the event loop when micro-batching is off. Measured at 500
 candidates on the 2-core dev box (synthetic 2,100-entity bundle, medians of 5 alternating
 runs): one request at a time, inline p50 2.13 ms vs 2.47 ms through a thread pool (the
-hop costs ~0.3 ms); at 8 concurrent requests throughput was within noise (the GIL-bound
-feature code does not overlap). More cores are used with more workers (processes).
+hop costs ~0.3 ms). At 8-32 concurrent requests on a quiet machine the hop
+(``batch_window_ms=0.01``) let ONE worker use a second core, since onnxruntime releases
+the GIL (515-567 vs 345-356 req/s; docs/BENCHMARKS.md); two inline workers did better
+still (717 req/s), so cores are used through workers (processes).
 
 Admission control (``app.admission``): scoring slots, first come, first served, each
 handed on one event-loop turn after its scoring so that the loop reads new requests

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -528,49 +528,38 @@ def run_http_options(runner: HttpRunner, bundle: str, path: Path, plan: Plan) ->
     bodies = runner.bodies_file(bundle, path, "search", "miss")
     hit_bodies = runner.bodies_file(bundle, path, "search", "hit")
     assert bodies is not None and hit_bodies is not None
+
+    def measure(option: str, value: Any, workers: int, case: str, concs: Iterable[int],
+                **settings: Any) -> None:  # fmt: skip
+        """Search cells at N=500 on a server with ``settings``, labelled ``option=value``."""
+        cell_bodies = bodies if case == "miss" else hit_bodies
+        with runner.server(path, TARGET_N, case, "memory", workers, **settings) as server:
+            runner.warm(server, "/rank", cell_bodies, *((1,) if case == "hit" else ()))
+            for conc in concs:
+                runner.cell(
+                    server,
+                    "/rank",
+                    cell_bodies,
+                    conc,
+                    bundle=bundle,
+                    n=TARGET_N,
+                    task="search",
+                    case=case,
+                    backend="memory",
+                    workers=workers,
+                    intended=case,
+                    option=option,
+                    value=value,
+                )
+
     # Micro-batching: 0 = inline (the default); 0.01 ms = a thread-pool hop that batches
     # only what is already queued; 1 and 2 ms = real batching windows.
     for workers, window in itertools.product((1, 2), (0.0, 0.01, 1.0, 2.0)):
-        with runner.server(
-            path, TARGET_N, "miss", "memory", workers, batch_window_ms=window
-        ) as server:
-            runner.warm(server, "/rank", bodies)
-            for conc in runner.plan.concurrency:
-                runner.cell(
-                    server,
-                    "/rank",
-                    bodies,
-                    conc,
-                    bundle=bundle,
-                    n=TARGET_N,
-                    task="search",
-                    case="miss",
-                    backend="memory",
-                    workers=workers,
-                    intended="miss",
-                    option="batch_window_ms",
-                    value=window,
-                )
+        measure("batch_window_ms", window, workers, "miss", runner.plan.concurrency,
+                batch_window_ms=window)  # fmt: skip
     # The event loop on scored requests (the cells below measure it on hits and Floor B).
     for loop in ("asyncio", "uvloop"):
-        with runner.server(path, TARGET_N, "miss", "memory", 1, event_loop=loop) as server:
-            runner.warm(server, "/rank", bodies)
-            for conc in (1, 8):
-                runner.cell(
-                    server,
-                    "/rank",
-                    bodies,
-                    conc,
-                    bundle=bundle,
-                    n=TARGET_N,
-                    task="search",
-                    case="miss",
-                    backend="memory",
-                    workers=1,
-                    intended="miss",
-                    option="event_loop",
-                    value=loop,
-                )
+        measure("event_loop", loop, 1, "miss", (1, 8), event_loop=loop)
     for loop, http in (("asyncio", "httptools"), ("uvloop", "httptools"), ("asyncio", "h11")):
         with runner.server(
             path, TARGET_N, "hit", "memory", 1, http=http, event_loop=loop
@@ -597,46 +586,10 @@ def run_http_options(runner: HttpRunner, bundle: str, path: Path, plan: Plan) ->
                         value=f"{loop}+{http}",
                     )
     for threads in (1, 2):
-        with runner.server(
-            path, TARGET_N, "miss", "memory", 2, ort_intra_op_threads=threads
-        ) as server:
-            runner.warm(server, "/rank", bodies)
-            for conc in (1, 8):
-                runner.cell(
-                    server,
-                    "/rank",
-                    bodies,
-                    conc,
-                    bundle=bundle,
-                    n=TARGET_N,
-                    task="search",
-                    case="miss",
-                    backend="memory",
-                    workers=2,
-                    intended="miss",
-                    option="ort_intra_op_threads",
-                    value=threads,
-                )
+        measure("ort_intra_op_threads", threads, 2, "miss", (1, 8), ort_intra_op_threads=threads)
     # One JSON access-log line per request (INFO, the default) against none (WARNING).
     for level in ("INFO", "WARNING"):
-        with runner.server(path, TARGET_N, "hit", "memory", 1, log_level=level) as server:
-            runner.warm(server, "/rank", hit_bodies, 1)
-            for conc in (1, 32):
-                runner.cell(
-                    server,
-                    "/rank",
-                    hit_bodies,
-                    conc,
-                    bundle=bundle,
-                    n=TARGET_N,
-                    task="search",
-                    case="hit",
-                    backend="memory",
-                    workers=1,
-                    intended="hit",
-                    option="log_level",
-                    value=level,
-                )
+        measure("log_level", level, 1, "hit", (1, 32), log_level=level)
 
 
 def run_scale(
