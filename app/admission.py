@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from app.errors import Overloaded
 
@@ -44,6 +45,7 @@ class Admission:
         *,
         adaptive: bool = False,
         max_slots: int | None = None,
+        on_slots: Callable[[int], None] | None = None,
     ) -> None:
         if slots < 1 or queue_timeout_s < 0:
             raise ValueError(
@@ -53,6 +55,7 @@ class Admission:
         self.max_slots = max(max_slots or 16 * slots, slots) if adaptive else slots
         self.queue_timeout_s = queue_timeout_s
         self.slots = slots  # slots now (fair share may add some)
+        self._on_slots = on_slots  # told the slot count at start and on every change
         self.waiting = 0  # requests queued for a slot now
         self._semaphore = asyncio.Semaphore(slots)
         self._debt = 0  # slots to take back: hand-offs to skip
@@ -60,6 +63,8 @@ class Admission:
         self._grant_s = 0.0  # moving average of the time between grants to queued requests
         self._window_start = time.perf_counter()
         self._scored_s = 0.0  # scoring time in the current window
+        if on_slots is not None:
+            on_slots(slots)
 
     async def enter(self) -> None:
         """Take a slot, or raise ``Overloaded``."""
@@ -113,6 +118,10 @@ class Admission:
         elif (not self.waiting or share > RELEASE_SHARE) and self.slots > self.min_slots:
             self.slots -= 1
             self._debt += 1
+        else:
+            return
+        if self._on_slots is not None:
+            self._on_slots(self.slots)
 
     def _refusal(self, why: str) -> Overloaded:
         return Overloaded(

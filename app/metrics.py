@@ -106,7 +106,14 @@ class ServiceMetrics:
         )
         self.in_flight = Gauge(
             "unicorn_in_flight_requests",
-            "Requests inside the scoring section now (admitted; at most max_in_flight).",
+            "Requests inside the scoring section now (admitted).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.scoring_slots = Gauge(
+            "unicorn_scoring_slots",
+            "Scoring slots now: max_in_flight, more while refusals crowd scoring out of the "
+            "event loop (fair share, a sign of clients retrying at once).",
             registry=r,
             multiprocess_mode="livesum",
         )

@@ -195,6 +195,7 @@ class RankingService:
             settings.max_in_flight,
             settings.queue_timeout_ms / 1000.0,
             adaptive=settings.batch_window_ms == 0,  # fair share is for inline scoring
+            on_slots=metrics.scoring_slots.set,
         )
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()

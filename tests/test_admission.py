@@ -105,7 +105,8 @@ async def test_fair_share_adds_slots_while_other_work_crowds_scoring_out_then_ta
     """Other work (think: refusing a flood) blocks the loop 8 ms every turn while queued
     requests score 1 ms each: scoring gets far less than half of the loop, so slots are
     added; once the other work stops and nobody waits, they are taken back."""
-    admission = Admission(2, 5.0, adaptive=True, max_slots=32)
+    reported: list[int] = []
+    admission = Admission(2, 5.0, adaptive=True, max_slots=32, on_slots=reported.append)
     stop = asyncio.Event()
 
     async def other_work() -> None:
@@ -134,6 +135,7 @@ async def test_fair_share_adds_slots_while_other_work_crowds_scoring_out_then_ta
         if admission.slots == 2:
             break
     assert admission.slots == 2
+    assert reported[0] == 2 and max(reported) == grown and reported[-1] == 2  # the gauge
 
 
 async def test_without_fair_share_the_slots_stay_fixed() -> None:

@@ -361,9 +361,10 @@ async def test_metrics_names_and_no_user_or_query_labels(
         "unicorn_inference_batch_size_bucket", "unicorn_candidates_per_request_bucket",
         "unicorn_cache_requests_total", "unicorn_cache_errors_total", "unicorn_cache_degraded",
         "unicorn_responses_total", "unicorn_in_flight_requests", "unicorn_shed_requests_total",
-        "unicorn_model_info", "unicorn_model_reloads_total",
+        "unicorn_model_info", "unicorn_model_reloads_total", "unicorn_scoring_slots",
     ):  # fmt: skip
         assert f"\n{name}" in text, name
+    assert "\nunicorn_scoring_slots 4.0" in text  # max_in_flight, no flood
     assert f'unicorn_model_info{{model_version="{bundle.model_version}"}} 1.0' in text
     assert 'task="search"' in text and 'le="0.00025"' in text
     assert 'unicorn_responses_total{route="/rank",status="200"}' in text
