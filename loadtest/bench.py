@@ -285,10 +285,10 @@ class HttpRunner:
     """Starts servers and runs wrk cells, recording rows into ``Results``."""
 
     def __init__(self, res: Results, plan: Plan, workdir: Path, say: Callable[[str], None]):
-        from loadtest.httpbench import RedisServer
+        from loadtest.processes import RedisServer
 
         self.res, self.plan, self.workdir, self.say = res, plan, workdir, say
-        self.redis = RedisServer()
+        self.redis = RedisServer().start()
         self.files: dict[tuple[str, str, str], Path] = {}
         self.offset = 0
 

@@ -1,9 +1,9 @@
-"""HTTP parts of the benchmark: a real server process, a real redis-server, and ``wrk``.
+"""HTTP parts of the benchmark: a real server process and ``wrk`` (redis-server:
+``loadtest.processes.RedisServer``).
 
 - ``BenchServer``: ``python -m loadtest.serve`` (the service + the Floor B route) on a free
   port with the given ``UNICORN_*`` settings; waits until every worker has loaded the
   model; reads its ``/metrics``, CPU time and RSS per worker.
-- ``RedisServer``: ``redis-server`` on a free port, no persistence.
 - ``run_wrk``: one closed-loop load run (``wrk -t1 -cC``) with ``loadtest/rank.lua``;
   returns the latency percentiles, throughput, errors and wrk's own CPU use (from
   ``wait4`` rusage), so a run shows whether the load generator was the bottleneck.
@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,6 @@ from loadtest.processes import free_port, stop_process_group
 
 LUA_SCRIPT = Path(__file__).with_name("rank.lua")
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
-REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 READY_TIMEOUT_S = 180.0
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -60,48 +58,6 @@ def _cpu_seconds(procs: list[psutil.Process]) -> float:
             t = p.cpu_times()
             total += t.user + t.system
     return total
-
-
-class RedisServer:
-    """A throwaway redis-server (no persistence) on a free port."""
-
-    def __init__(self) -> None:
-        if not Path(REDIS).exists():
-            raise RuntimeError(f"redis-server not found ({REDIS}); `make system-deps` installs it")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.dir = tempfile.mkdtemp(prefix="unicorn-bench-redis-")
-        self.process = subprocess.Popen(
-            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while self.command("PING") != b"+PONG":
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.02)
-
-    def command(self, *args: str) -> bytes:
-        payload = f"*{len(args)}\r\n" + "".join(f"${len(a)}\r\n{a}\r\n" for a in args)
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-                sock.sendall(payload.encode())
-                return sock.recv(65536).split(b"\r\n", 1)[0]
-        except OSError:
-            return b""
-
-    def flush(self) -> None:
-        self.command("FLUSHALL")
-
-    def cpu_seconds(self) -> float:
-        return _cpu_seconds([psutil.Process(self.process.pid)])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class BenchServer:

@@ -64,7 +64,8 @@ def _quantile(bounds: list[float], cumulative: dict[float, float], total: float,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loadtest.httpbench import BenchServer, RedisServer
+    from loadtest.httpbench import BenchServer
+    from loadtest.processes import RedisServer
     from loadtest.report import table, write_generated
 
     parser = argparse.ArgumentParser(prog="python -m loadtest.locust_run", description=__doc__)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args.reports.mkdir(parents=True, exist_ok=True)
     prefix = args.reports / "locust"
     slo_path = args.reports / "locust_slo.json"
-    redis = RedisServer()
+    redis = RedisServer().start()
     server = None
     try:
         server = BenchServer(

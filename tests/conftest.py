@@ -25,9 +25,7 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -38,10 +36,9 @@ import httpx
 import pytest
 
 from app.config import Settings
-from loadtest.processes import free_port
+from loadtest.processes import REDIS, RedisServer, free_port
 
 REUSE_BUNDLE_ENV = "UNICORN_TEST_TINY_BUNDLE"
-REDIS_BINARY = shutil.which("redis-server") or "/usr/bin/redis-server"
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
@@ -156,74 +153,12 @@ def free_port_factory() -> Callable[[], int]:
     return free_port
 
 
-class RedisProcess:
-    """A real redis-server the test controls: kill, restart, pause, resume."""
-
-    def __init__(self, directory: Path, port: int) -> None:
-        self.directory = directory
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.paused = False
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [REDIS_BINARY, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory), "--protected-mode", "no",
-             "--enable-debug-command", "local", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                if self.command("PING") == b"+PONG":
-                    return
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not answer PING within 10 s")
-
-    def command(self, *args: str) -> bytes:
-        """One RESP command over a fresh socket; the first reply line."""
-        payload = f"*{len(args)}\r\n" + "".join(f"${len(a)}\r\n{a}\r\n" for a in args)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-            sock.sendall(payload.encode())
-            return sock.recv(65536).split(b"\r\n", 1)[0]
-
-    def dbsize(self) -> int:
-        return int(self.command("DBSIZE")[1:])
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.resume()
-            self.process.kill()
-            self.process.wait(10)
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
-
-    def pause(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-        self.paused = True
-
-    def resume(self) -> None:
-        if self.paused and self.process is not None:
-            self.process.send_signal(signal.SIGCONT)
-            self.paused = False
-
-    def stop(self) -> None:
-        self.kill()
-
-
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A fresh redis-server per test (about 10 ms to start)."""
-    if not Path(REDIS_BINARY).exists():
-        pytest.skip(f"redis-server binary not found ({REDIS_BINARY}); CI installs it")
-    server = RedisProcess(tmp_path, free_port())
-    server.start()
+    if not Path(REDIS).exists():
+        pytest.skip(f"redis-server binary not found ({REDIS}); CI installs it")
+    server = RedisServer(directory=tmp_path).start()
     try:
         yield server
     finally:

@@ -26,10 +26,11 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import ADMIN_TOKEN, LiveServer, RedisProcess, free_port
+from conftest import ADMIN_TOKEN, LiveServer, free_port
 from test_ops_static import PROMETHEUS_CONFIG, RULES, dashboard_queries, load_dashboard
 
 from app.config import Settings
+from loadtest.processes import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +108,7 @@ def scrape_config_for(targets: list[str], path: Path) -> Path:
 def replicas(
     start_server: Callable[[Settings], LiveServer],
     settings_for: Callable[..., Settings],
-    redis_server: RedisProcess,
+    redis_server: RedisServer,
 ) -> tuple[LiveServer, LiveServer]:
     cached = start_server(settings_for(redis_url=redis_server.url, admin_token=ADMIN_TOKEN))
     broken_cache = start_server(
