@@ -515,6 +515,29 @@ class Row:
     notes: str
     baseline_p99_ms: float = math.nan
 
+    @classmethod
+    def under_load(
+        cls,
+        fault: str,
+        samples: Sequence[Sample],
+        fault_start: float,
+        fault_end: float,
+        recovery: str,
+        notes: str,
+    ) -> Row:
+        """The row of a fault injected into an open-loop load: every request counted,
+        p99 while the fault was on and before it (n/a when it was on from the start)."""
+        total = summarise(samples)
+        return cls(
+            fault=fault,
+            sent=total.sent,
+            failures=total.failed,
+            p99_fault_ms=summarise(samples, fault_start, fault_end).p99_ms,
+            recovery=recovery,
+            notes=notes,
+            baseline_p99_ms=summarise(samples, 0, fault_start).p99_ms,
+        )
+
 
 @dataclass
 class Options:
@@ -596,23 +619,20 @@ def _redis_scenario(opts: Options, kind: str) -> Row:
         server.stop()
         redis.stop()
     during = summarise(samples, fault_start, fault_end)
-    before = summarise(samples, 0, fault_start) if fault_start > 0 else None
-    total = summarise(samples)
     names = {
         "down_at_start": f"Redis down at start ({opts.fault_s:g} s), then started",
         "killed": f"Redis killed under load, restarted after {opts.fault_s:g} s",
         "paused": f"Redis stalled: SIGSTOP for {opts.fault_s:g} s",
         "debug_sleep": f"Redis stalled: DEBUG SLEEP {opts.fault_s:g}",
     }
-    return Row(
-        fault=names[kind],
-        sent=total.sent,
-        failures=total.failed,
-        p99_fault_ms=during.p99_ms,
+    return Row.under_load(
+        names[kind],
+        samples,
+        fault_start,
+        fault_end,
         recovery=f"{recovery:.2f} s (first hit after {hits:.2f} s)",
         notes=f"/readyz said degraded: {'yes' if degraded_seen else 'NO'}; "
         f"cache errors counted: {errors:.0f}; max during fault {_ms(during.max_ms)}",
-        baseline_p99_ms=before.p99_ms if before else math.nan,
     )
 
 
@@ -662,19 +682,16 @@ def scenario_reload(opts: Options, reloads: int = 10) -> Row:
         samples = load.stop()
     finally:
         server.stop()
-    during = summarise(samples, fault_start, fault_end)
     versions = {s.model_version for s in samples if s.model_version}
     mixed = sum(1 for s in samples if s.problem and "model version" in s.problem)
-    total = summarise(samples)
-    return Row(
-        fault=f"Model reload x{reloads} under load (two models that score differently)",
-        sent=total.sent,
-        failures=total.failed,
-        p99_fault_ms=during.p99_ms,
+    return Row.under_load(
+        f"Model reload x{reloads} under load (two models that score differently)",
+        samples,
+        fault_start,
+        fault_end,
         recovery="none needed (no outage)",
         notes=f"mixed-version answers: {mixed}; versions served: {len(versions)}; "
         f"reload p50 {np.median(seconds):.2f} s",
-        baseline_p99_ms=summarise(samples, 0, fault_start).p99_ms,
     )
 
 
@@ -702,18 +719,15 @@ def scenario_bad_bundle_reload(opts: Options) -> Row:
         still = server.get("/readyz").json()["model_version"] == version
     finally:
         server.stop()
-    during = summarise(samples, fault_start, fault_end)
     served = {s.model_version for s in samples if s.model_version}
-    total = summarise(samples)
-    return Row(
-        fault=f"Reload of {', '.join(damaged)} bundles under load",
-        sent=total.sent,
-        failures=total.failed,
-        p99_fault_ms=during.p99_ms,
+    return Row.under_load(
+        f"Reload of {', '.join(damaged)} bundles under load",
+        samples,
+        fault_start,
+        fault_end,
         recovery="none needed (old model kept serving)",
         notes=f"reload statuses {sorted(set(statuses))}; old model still serving: "
         f"{'yes' if still and served == {version} else 'NO'}",
-        baseline_p99_ms=summarise(samples, 0, fault_start).p99_ms,
     )
 
 
@@ -766,21 +780,19 @@ def scenario_worker_killed(opts: Options) -> Row:
         counted = metric(text, "unicorn_responses_total", route="/rank", status="200")
     finally:
         server.stop()
-    total = summarise(samples)
-    during = summarise(samples, fault_start, fault_end)
+    problems = summarise(samples).problems
     after = summarise(samples, fault_start + 1.0)
     ok = sum(1 for s in samples if s.status == 200)
-    return Row(
-        fault="One of 2 workers killed (SIGKILL) under load",
-        sent=total.sent,
-        failures=total.failed,
-        p99_fault_ms=during.p99_ms,
+    return Row.under_load(
+        "One of 2 workers killed (SIGKILL) under load",
+        samples,
+        fault_start,
+        fault_end,
         recovery=f"replacement worker serving after {recovery:.2f} s",
         notes=f"failures are the requests in flight on the killed worker "
-        f"({', '.join(f'{k}: {v}' for k, v in total.problems.items()) or 'none'}); "
+        f"({', '.join(f'{k}: {v}' for k, v in problems.items()) or 'none'}); "
         f"failures from 1 s after the kill: {after.failed}; in-flight gauge after: "
         f"{in_flight:.0f}; /rank 200s counted {counted:.0f} vs received {ok}",
-        baseline_p99_ms=summarise(samples, 0, fault_start).p99_ms,
     )
 
 
@@ -896,7 +908,7 @@ def _overload_open_loop(opts: Options, label: str, extra: dict[str, Any]) -> Row
         fault=f"Overload, open loop: {OPEN_LOOP_RATE:.0f} req/s offered to one worker "
         f"(cache off, {OPEN_LOOP_RETRIEVED} candidates per call), {label}",
         sent=len(samples),
-        failures=summarise(samples).failed - summarise(samples, where=lambda s: s.shed).sent,
+        failures=summarise(samples).failed - summarise(samples).shed,
         p99_fault_ms=accepted.p99_ms,
         recovery="immediate (nothing queued)",
         notes=f"served {accepted.sent / seconds:.0f} req/s; {notes}; below capacity: p50 "
@@ -922,9 +934,7 @@ def _overload_flood(opts: Options, label: str, extra: dict[str, Any], connection
         fault=f"Overload, closed loop: wrk {connections} connections retrying at once "
         f"+ a 20 req/s probe, one worker (cache off), {label}",
         sent=wrk["requests"] + len(samples),
-        failures=wrk["socket_errors"]
-        + summarise(samples).failed
-        - summarise(samples, where=lambda s: s.shed).sent,
+        failures=wrk["socket_errors"] + summarise(samples).failed - summarise(samples).shed,
         p99_fault_ms=accepted.p99_ms,
         recovery="immediate (nothing queued)",
         notes=f"served {goodput:.0f} req/s, {wrk['non2xx'] / max(wrk['requests'], 1):.0%} of "
