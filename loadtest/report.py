@@ -81,6 +81,22 @@ def purity_text(r: HttpRow) -> str:
     return text
 
 
+def floor_b_of(r: HttpRow, grid: Sequence[HttpRow]) -> HttpRow | None:
+    """The Floor B cell measured on the same server setup as ``r`` (bundle, workers,
+    concurrency), if any."""
+    return next(
+        (
+            f
+            for f in grid
+            if f.bundle == r.bundle
+            and f.case == "floor B"
+            and f.workers == r.workers
+            and f.conc == r.conc
+        ),
+        None,
+    )
+
+
 def load_results(path: Path) -> Results:
     """``Results`` from the JSON ``loadtest/bench.py`` writes (to re-render a report)."""
     import json
@@ -310,17 +326,7 @@ def render(res: Results, seconds_per_cell: int) -> str:
         for r in grid:
             if r.case != "hit":
                 continue
-            floor = next(
-                (
-                    f
-                    for f in grid
-                    if f.bundle == r.bundle
-                    and f.case == "floor B"
-                    and f.workers == r.workers
-                    and f.conc == r.conc
-                ),
-                None,
-            )
+            floor = floor_b_of(r, grid)
             if floor is not None:
                 ratio_rows.append(
                     [
@@ -545,17 +551,7 @@ def targets(res: Results) -> list[list[object]]:
     for r in grid:
         if r.case != "hit" or r.conc != top:
             continue
-        floor = next(
-            (
-                f
-                for f in grid
-                if f.bundle == r.bundle
-                and f.case == "floor B"
-                and f.workers == r.workers
-                and f.conc == r.conc
-            ),
-            None,
-        )
+        floor = floor_b_of(r, grid)
         if floor is not None:
             ratios.append((r.rps / floor.rps, r))
     primary_ratios = [(x, r) for x, r in ratios if is_default(r)]
