@@ -46,18 +46,21 @@ DENSE_FEATURES: tuple[str, ...] = (
     "query_chars_log",
     "query_tokens",
     "query_imputed",
-    # query x target text match
-    "name_prefix",
-    "name_exact",
-    "token_overlap",
+    # query x target text match (every token of a name is an anchor; the last token of a
+    # typed search query may be incomplete and matches as a prefix)
+    "name_prefix",  # the query is a prefix of the whole name
+    "name_exact",  # the query is the whole name
+    "word_prefix",  # the query is a prefix of the name from one of its words
+    "token_overlap",  # share of query tokens found exactly as name tokens
+    "fuzzy_overlap",  # share of query tokens found exactly or within the typo budget
     "last_token_prefix",
     "bm25",
-    "trigram_containment",
+    "trigram_containment",  # share of the query's word-anchored trigrams in the name
     # query x target engagement (search logs, every typed prefix)
-    "query_target_pos_log",
+    "query_target_pos_share",  # log share of the window's search positives
     "query_target_ctr",
     # source x target
-    "co_engagement_log",
+    "co_engagement_lift",  # log1p(P(target | source page) / P(target))
     "co_engagement_share",
     "linked_to_source",
     # popularity
@@ -68,7 +71,11 @@ DENSE_FEATURES: tuple[str, ...] = (
     "cluster_pop_log",
     "cluster_share",
     "user_item_dot",
+    "user_genre_affinity",  # the user's genre profile x the target's genres, as a lift
 )
+COL: dict[str, int] = {name: i for i, name in enumerate(DENSE_FEATURES)}
+CONTEXT_DENSE = DENSE_FEATURES[:3]  # filled once per request (ContextFeatures.context_dense)
+
 INPUT_NAMES: tuple[str, ...] = (
     "ctx_cat",
     "ctx_source",
@@ -180,22 +187,22 @@ class FeatureBuilder:
         """Model inputs for ``cand`` (int64 entity indices) under context ``cf``."""
         n = len(cand)
         dense = np.zeros((n, len(DENSE_FEATURES)), dtype=np.float32)
-        dense[:, 0:3] = cf.context_dense
+        dense[:, : len(CONTEXT_DENSE)] = cf.context_dense
         if cf.tokens:
             self._text_features(cf, cand, dense)
         self._engagement_features(cf, cand, dense)
         tables = self.tables
-        dense[:, 14] = self.country_pop_log[cf.country_row, cand]
-        dense[:, 15] = self.pop_log[cand]
-        dense[:, 16] = self.global_ctr[cand]
+        dense[:, COL["country_pop_log"]] = self.country_pop_log[cf.country_row, cand]
+        dense[:, COL["global_pop_log"]] = self.pop_log[cand]
+        dense[:, COL["global_ctr"]] = self.global_ctr[cand]
         item_vec = tables.item_vec[cand]
         if cf.cluster > 0:
-            dense[:, 17] = self.cluster_pop_log[cf.cluster, cand]
-            dense[:, 18] = self.cluster_share[cf.cluster, cand]
+            dense[:, COL["cluster_pop_log"]] = self.cluster_pop_log[cf.cluster, cand]
+            dense[:, COL["cluster_share"]] = self.cluster_share[cf.cluster, cand]
         if cf.level is Personalization.FULL:
             # Row-wise, not a BLAS mat-vec: a candidate's value must not depend on N or on
             # the other candidates (BLAS blocking changes the rounding with the batch).
-            dense[:, 19] = (item_vec * cf.user_vec[0]).sum(axis=1)
+            dense[:, COL["user_item_dot"]] = (item_vec * cf.user_vec[0]).sum(axis=1)
         return {
             "ctx_cat": cf.ctx_cat,
             "ctx_source": cf.ctx_source,
@@ -219,16 +226,16 @@ class FeatureBuilder:
             is_last_prefix = prefix_last and q == len(cf.tokens) - 1
             needle = " " + tok if is_last_prefix else " " + tok + " "
             match[:, q] = np.strings.find(padded, needle) >= 0
-        dense[:, 3] = np.strings.startswith(names, query)
-        dense[:, 4] = names == query
-        dense[:, 5] = match.mean(axis=1)
-        dense[:, 6] = match[:, -1]
+        dense[:, COL["name_prefix"]] = np.strings.startswith(names, query)
+        dense[:, COL["name_exact"]] = names == query
+        dense[:, COL["token_overlap"]] = match.mean(axis=1)
+        dense[:, COL["last_token_prefix"]] = match[:, -1]
         doc_len = text.name_n_tokens[cand][:, None]
         norm = BM25_K1 * (1 - BM25_B + BM25_B * doc_len / text.avg_tokens)
-        dense[:, 7] = (cf.idfs[None, :] * match * (BM25_K1 + 1) / (match + norm)).sum(axis=1)
+        dense[:, COL["bm25"]] = (cf.idfs[None, :] * match * (BM25_K1 + 1) / (match + norm)).sum(axis=1)
         if len(cf.trigrams):
             shared = np.isin(text.name_trigrams[cand], cf.trigrams).sum(axis=1)
-            dense[:, 8] = shared / len(cf.trigrams)
+            dense[:, COL["trigram_containment"]] = shared / len(cf.trigrams)
 
     def _engagement_features(
         self, cf: ContextFeatures, cand: np.ndarray, dense: np.ndarray
@@ -242,18 +249,18 @@ class FeatureBuilder:
                 (tables.query_pos[lo:hi], tables.query_imp[lo:hi]),
                 cand,
             )
-            dense[:, 9] = np.log1p(pos)
-            dense[:, 10] = (pos + CTR_SMOOTHING * prior) / (imp + CTR_SMOOTHING)
+            dense[:, COL["query_target_pos_share"]] = np.log1p(pos)
+            dense[:, COL["query_target_ctr"]] = (pos + CTR_SMOOTHING * prior) / (imp + CTR_SMOOTHING)
         else:
-            dense[:, 10] = prior
+            dense[:, COL["query_target_ctr"]] = prior
         if cf.source_index >= 0:
             targets, counts = tables.co_engaged(cf.source_index)
             (co,) = _sparse_row_lookup(targets, (counts,), cand)
-            dense[:, 11] = np.log1p(co)
-            dense[:, 12] = co / max(float(counts.sum()), 1.0)
+            dense[:, COL["co_engagement_lift"]] = np.log1p(co)
+            dense[:, COL["co_engagement_share"]] = co / max(float(counts.sum()), 1.0)
             linked = self.catalogue.linked(cf.source_index)
             if len(linked):
-                dense[:, 13] = np.isin(cand, linked)
+                dense[:, COL["linked_to_source"]] = np.isin(cand, linked)
 
 
 def _log_share(counts: np.ndarray) -> np.ndarray:
