@@ -10,8 +10,9 @@ short version:
   ratings are explicit label-0 rows of the nearest-in-time positive's impression;
 - more_like_this: consecutive positives of a user, source -> next;
 - entity: a genre page -> a positively rated movie of that genre;
-- search: user tags and title words, typed keystroke by keystroke, one impression per
-  prefix.
+- search: mostly titles (a member types the start of a name, stops when it has typed
+  enough, sometimes with one typo), the rest user tags; typed keystroke by keystroke, one
+  impression per prefix.
 
 Usage::
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import re
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,8 +84,14 @@ class MovieLensConfig:
     ``positive_threshold``: a rating at or above it is a positive engagement.
     ``mlt_pairs_per_user``: at most this many more_like_this pairs per user.
     ``entity_fraction``: share of positives that also produce an entity impression.
-    ``title_query_fraction``: share of positives that produce a title-search session.
+    ``title_query_fraction``: share of positives that produce a title-search session
+    (0.4 makes ~74% of search impressions title queries on ml-latest-small; the rest are
+    tag sessions, which are all kept).
     ``second_word_fraction``: share of title sessions typed from the title's second word.
+    ``title_stop_exponent``: a title session types ``2 + floor(u**e * (n - 1))`` of the
+    ``n`` characters (u uniform): 1 = uniform, larger = members stop earlier.
+    ``typo_fraction``: share of title sessions with one typo (transposition, missing or
+    doubled letter, dropped accent).
     ``max_tag_prefix`` / ``max_title_prefix``: the longest prefix typed, in characters.
     ``popularity_exponent``: negatives are sampled with probability ~ popularity**this.
     """
@@ -92,8 +100,10 @@ class MovieLensConfig:
     positive_threshold: float = 4.0
     mlt_pairs_per_user: int = 50
     entity_fraction: float = 0.3
-    title_query_fraction: float = 0.04
+    title_query_fraction: float = 0.4
     second_word_fraction: float = 0.3
+    title_stop_exponent: float = 2.0
+    typo_fraction: float = 0.1
     max_tag_prefix: int = 20
     max_title_prefix: int = 24
     popularity_exponent: float = 0.5
@@ -108,7 +118,12 @@ class MovieLensConfig:
             )
         if self.mlt_pairs_per_user < 0:
             raise ValueError(f"mlt_pairs_per_user must be >= 0, got {self.mlt_pairs_per_user}")
-        for name in ("entity_fraction", "title_query_fraction", "second_word_fraction"):
+        for name in (
+            "entity_fraction",
+            "title_query_fraction",
+            "second_word_fraction",
+            "typo_fraction",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -118,6 +133,8 @@ class MovieLensConfig:
                 raise ValueError(f"{name} must be >= 2, got {value}")
         if self.popularity_exponent < 0:
             raise ValueError(f"popularity_exponent must be >= 0, got {self.popularity_exponent}")
+        if not self.title_stop_exponent > 0:
+            raise ValueError(f"title_stop_exponent must be > 0, got {self.title_stop_exponent}")
 
 
 @dataclass(frozen=True)
@@ -134,6 +151,14 @@ class LoadReport:
     tags_unusable: int  # dropped: no prefix of >= 2 characters survives normalisation
     title_queries_too_short: int  # sampled titles whose typed text has < 2 usable chars
     low_ratings_without_positive: int  # label-0 rows of users with no positive at all
+    # Search sessions that logged at least one impression, and their impressions, by what
+    # was typed; typo impressions are those whose prefix already holds the typo.
+    tag_sessions: int
+    title_sessions: int
+    typo_sessions: int  # title sessions with a typo (a subset of title_sessions)
+    tag_search_impressions: int
+    title_search_impressions: int
+    typo_search_impressions: int  # a subset of title_search_impressions
     impressions_per_task: Mapping[str, int] = field(default_factory=dict)
     rows_per_task: Mapping[str, int] = field(default_factory=dict)
     positives_per_task: Mapping[str, int] = field(default_factory=dict)
@@ -438,6 +463,107 @@ def _fill_row_exactly(
     out[row, filled : filled + k] = rng.choice(pool, size=k, replace=False, p=p)
 
 
+# ----------------------------------------------------------------------- search typos
+
+# The typos of a title session (docs/DATA.md, MovieLens, search).
+TYPO_KINDS: tuple[str, ...] = ("transposition", "missing", "doubled", "accent")
+_DIACRITIC = re.compile("[\u0300-\u036f]")
+
+
+def _strip_accents(char: str) -> str:
+    """``char`` without its accents, the combining diacritical marks U+0300-U+036F ("é" ->
+    "e"); unchanged when it has none. Other combining marks spell letters (a Devanagari
+    virama, a Japanese dakuten): leaving one out is not dropping an accent."""
+    decomposed = unicodedata.normalize("NFD", char)
+    return unicodedata.normalize("NFC", _DIACRITIC.sub("", decomposed))
+
+
+def typo_variants(text: str, stop: int, cap: int) -> dict[str, list[str]]:
+    """Every one-typo version of ``text[:stop]``, by kind (``TYPO_KINDS``).
+
+    transposition: two adjacent different letters after the first swapped ("Teh");
+    missing: a letter after the first left out ("Te Matrix"); doubled: a letter after the
+    first typed twice ("Thhe"); accent: an accent dropped ("Amelie"). A variant must hold
+    >= 2 characters, at most ``cap``, and must not normalise to a prefix of ``text`` from
+    one of its words (dropping one "o" of "Too" types "To"; "Str" for "Star Wars: ... The
+    Empire Strikes Back" types a word of it: no typo). So a dropped accent is a typo only
+    while ``normalise_query`` keeps accents; now that it folds them ("Amelie" is
+    "Amélie"), no accent variant is left. Variants may repeat.
+    """
+    typed = text[:stop]
+    whole = normalise_query(text)
+    from_words = [whole[i:] for i in range(len(whole)) if i == 0 or whole[i - 1] == " "]
+    out: dict[str, list[str]] = {kind: [] for kind in TYPO_KINDS}
+    for p, char in enumerate(typed):
+        if not char.isalnum():
+            continue
+        after = typed[p + 1 : p + 2]
+        candidates: list[tuple[str, str]] = []
+        if p >= 1 and after.isalnum() and char.casefold() != after.casefold():
+            candidates.append(("transposition", typed[:p] + after + char + typed[p + 2 :]))
+        if p >= 1 and len(typed) >= 3:
+            candidates.append(("missing", typed[:p] + typed[p + 1 :]))
+        if p >= 1 and p + 2 <= cap:
+            candidates.append(("doubled", (typed[: p + 1] + typed[p:])[:cap]))
+        bare = _strip_accents(char)
+        if bare and bare != char:
+            candidates.append(("accent", typed[:p] + bare + typed[p + 1 :]))
+        for kind, variant in candidates:
+            norm = normalise_query(variant)
+            if len(variant) >= 2 and norm and not any(w.startswith(norm) for w in from_words):
+                out[kind].append(variant)
+    return out
+
+
+def _typo(rng: np.random.Generator, text: str, stop: int, cap: int) -> tuple[str, int] | None:
+    """``text[:stop]`` with one typo and the index of its first changed character.
+
+    A typed accented letter loses its accent, when that is a typo (most keyboards make it
+    the likeliest slip); otherwise the kind is drawn uniformly among the possible ones.
+    Then the variant is drawn uniformly. ``None`` when no typo fits (every variant types
+    another prefix).
+    """
+    variants = typo_variants(text, stop, cap)
+    kinds = ["accent"] if variants["accent"] else [k for k in TYPO_KINDS if variants[k]]
+    if not kinds:
+        return None
+    options = variants[kinds[int(rng.integers(len(kinds)))]]
+    typo = options[int(rng.integers(len(options)))]
+    intended = text[:stop]
+    at = next(
+        (i for i, (a, b) in enumerate(zip(typo, intended, strict=False)) if a != b),
+        min(len(typo), len(intended)),
+    )
+    return typo, at
+
+
+@dataclass
+class _Session:
+    """One search session: what was typed (already cut where the member stopped)."""
+
+    user: int
+    movie: int
+    text: str
+    timestamp: int
+    cap: int  # the longest prefix logged
+    intended: str = ""  # a typo session: what the member meant to type
+    typo_at: int = -1  # a typo session: index of the first character that differs
+
+
+@dataclass
+class _SearchCounts:
+    """What ``_Derivation.search`` reports (``LoadReport``)."""
+
+    unusable_tags: int = 0
+    short_titles: int = 0
+    tag_sessions: int = 0
+    title_sessions: int = 0
+    typo_sessions: int = 0
+    tag_impressions: int = 0
+    title_impressions: int = 0
+    typo_impressions: int = 0
+
+
 # -------------------------------------------------------------------- log assembly
 
 
@@ -642,59 +768,100 @@ class _Derivation:
         tag_movie: np.ndarray,
         tag_text: list[str],
         tag_timestamp: np.ndarray,
-    ) -> tuple[_Block, int, int]:
-        """Keystroke sessions from tags, then from title words (docs/DATA.md, MovieLens)."""
+    ) -> tuple[_Block, _SearchCounts]:
+        """Keystroke sessions from tags, then from titles (docs/DATA.md, MovieLens)."""
         cfg = self.config
         r = self.ratings
-        sessions: list[tuple[int, int, str, int, int]] = []  # user, movie, text, ts, cap
-        for u, m, text, ts in zip(
-            tag_user.tolist(), tag_movie.tolist(), tag_text, tag_timestamp.tolist(), strict=True
-        ):
-            sessions.append((u, m, text, ts, cfg.max_tag_prefix))
+        sessions: list[_Session] = [
+            _Session(u, m, text, ts, cfg.max_tag_prefix)
+            for u, m, text, ts in zip(
+                tag_user.tolist(),
+                tag_movie.tolist(),
+                tag_text,
+                tag_timestamp.tolist(),
+                strict=True,
+            )
+        ]
         n_tag_sessions = len(sessions)
         pos = np.flatnonzero(self.positive)
         pos = pos[rng.random(len(pos)) < cfg.title_query_fraction]
         from_second = rng.random(len(pos)) < cfg.second_word_fraction
-        for i, second in zip(pos.tolist(), from_second.tolist(), strict=True):
+        stop_draw = rng.random(len(pos)) ** cfg.title_stop_exponent
+        with_typo = rng.random(len(pos)) < cfg.typo_fraction
+        for i, second, u, typo in zip(
+            pos.tolist(), from_second.tolist(), stop_draw.tolist(), with_typo.tolist(), strict=True
+        ):
             text = self.movies.typed[int(r.movie[i])]
             words = list(_WORD.finditer(text))
             if second and len(words) >= 2:
                 text = text[words[1].start() :]
-            sessions.append(
-                (int(r.user[i]), int(r.movie[i]), text, int(r.timestamp[i]), cfg.max_title_prefix)
+            # Members stop once they have typed enough: 2..n characters, short stops first.
+            n = min(len(text), cfg.max_title_prefix)
+            stop = min(2 + int(u * (n - 1)), n)
+            if typo:  # a typo needs a letter after the first to act on: type >= 3 of them
+                stop = max(stop, min(3, n))
+            cap = cfg.max_title_prefix  # text is cut where the member stopped: <= cap
+            session = _Session(
+                int(r.user[i]), int(r.movie[i]), text[:stop], int(r.timestamp[i]), cap
             )
+            made = _typo(rng, text, stop, cap) if typo else None
+            if made is not None:
+                session.intended = session.text
+                session.text, session.typo_at = made
+            sessions.append(session)
 
         index = self._prefix_index()
-        norm_cache: dict[str, str] = {}
+        last_cache: dict[str, str] = {}  # raw prefix -> last normalised token ("" = none)
+
+        def last_token(prefix: str) -> str:
+            last = last_cache.get(prefix)
+            if last is None:
+                tokens = tokenize(normalise_query(prefix))
+                last = last_cache[prefix] = tokens[-1] if tokens else ""
+            return last
+
         imp_user: list[int] = []
         imp_target: list[int] = []
         imp_query: list[str] = []
         imp_ts: list[int] = []
         matched_rows: list[list[int]] = []
-        unusable_tags = 0
-        short_titles = 0
-        for s, (user, movie, text, ts, cap) in enumerate(sessions):
+        counts = _SearchCounts()
+        for s, session in enumerate(sessions):
+            is_tag = s < n_tag_sessions
+            text, movie = session.text, session.movie
+            # Prefix k of a typo'd text stands for prefix k + shift of what was meant.
+            shift = len(session.intended) - len(text)
             typed = 0
-            for length in range(2, min(len(text), cap) + 1):
+            for length in range(2, min(len(text), session.cap) + 1):
                 prefix = text[:length]
-                norm = norm_cache.get(prefix)
-                if norm is None:
-                    norm = norm_cache[prefix] = normalise_query(prefix)
-                if not norm:  # e.g. "..": the service would refuse it, so it is not logged
+                last = last_token(prefix)
+                if not last:  # e.g. "..": the service would refuse it, so it is not logged
                     continue
-                last = tokenize(norm)[-1]
+                has_typo = 0 <= session.typo_at < length
+                if has_typo:
+                    # The policy corrects typos like the service does: negatives match the
+                    # token the member meant, never the typo better than the positive does.
+                    last = last_token(session.intended[: length + shift]) or last
                 matched = [m for m in index.get(last, ()) if m != movie][: cfg.negatives]
-                imp_user.append(user)
+                imp_user.append(session.user)
                 imp_target.append(movie)
                 imp_query.append(prefix)
-                imp_ts.append(ts + typed)  # keystrokes a second apart
+                imp_ts.append(session.timestamp + typed)  # keystrokes a second apart
                 matched_rows.append(matched)
                 typed += 1
+                counts.typo_impressions += has_typo
             if typed == 0:
-                if s < n_tag_sessions:
-                    unusable_tags += 1
+                if is_tag:
+                    counts.unusable_tags += 1
                 else:
-                    short_titles += 1
+                    counts.short_titles += 1
+            elif is_tag:
+                counts.tag_sessions += 1
+                counts.tag_impressions += typed
+            else:
+                counts.title_sessions += 1
+                counts.title_impressions += typed
+                counts.typo_sessions += session.typo_at >= 0
 
         negatives = np.full((len(imp_target), cfg.negatives), -1, dtype=np.int64)
         for i, matched in enumerate(matched_rows):
@@ -723,7 +890,7 @@ class _Derivation:
             row_target=row_target,
             row_label=row_label,
         )
-        return block, unusable_tags, short_titles
+        return block, counts
 
     def _prefix_index(self) -> dict[str, list[int]]:
         """Token prefix -> the ``negatives + 1`` most popular movies with a name token
@@ -755,7 +922,11 @@ def _assemble(
     ids_or_empty = np.append(catalogue.entity_id, "")  # index -1 -> ""
     # Rows of an impression in random order: a positive always listed first would let a
     # position-aware consumer (or a stable sort on tied scores) read the label.
-    orders = [np.lexsort((rng.random(len(b.row_impression)), b.row_impression)) for b in blocks]
+    # One stream per block, so that one task's size never reorders another task's rows.
+    orders = [
+        np.lexsort((block_rng.random(len(b.row_impression)), b.row_impression))
+        for b, block_rng in zip(blocks, rng.spawn(len(blocks)), strict=True)
+    ]
     imps = [b.row_impression[o] for b, o in zip(blocks, orders, strict=True)]
     offsets = np.cumsum([0] + [len(b.timestamp) for b in blocks])
     parts: dict[str, Callable[[_Block, np.ndarray, np.ndarray], np.ndarray]] = {
@@ -845,9 +1016,7 @@ def load_movielens(
     tag_text = [
         t for t, known in zip(tags_table.values["tag"], t_known.tolist(), strict=True) if known
     ]
-    search, unusable_tags, short_titles = derive.search(
-        rngs[0], t_uidx, t_idx[t_known], tag_text, t_time[t_known]
-    )
+    search, counts = derive.search(rngs[0], t_uidx, t_idx[t_known], tag_text, t_time[t_known])
     prequery, orphans = derive.prequery(rngs[1])
     blocks = [search, prequery, derive.more_like_this(rngs[2]), derive.entity(rngs[3])]
     log = _assemble(blocks, catalogue, user_names, rngs[4])
@@ -861,9 +1030,15 @@ def load_movielens(
         users=len(user_ids),
         ratings_unknown_movie=int((~r_known).sum()),
         tags_unknown_movie=int((~t_known).sum()),
-        tags_unusable=unusable_tags,
-        title_queries_too_short=short_titles,
+        tags_unusable=counts.unusable_tags,
+        title_queries_too_short=counts.short_titles,
         low_ratings_without_positive=orphans,
+        tag_sessions=counts.tag_sessions,
+        title_sessions=counts.title_sessions,
+        typo_sessions=counts.typo_sessions,
+        tag_search_impressions=counts.tag_impressions,
+        title_search_impressions=counts.title_impressions,
+        typo_search_impressions=counts.typo_impressions,
         impressions_per_task={t: len(by_task[t].timestamp) for t in TASKS},
         rows_per_task={t: len(by_task[t].row_label) for t in TASKS},
         positives_per_task={t: int(by_task[t].row_label.sum()) for t in TASKS},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,14 @@ from app.catalogue import Catalogue
 from app.context import impute_context, normalise_query, tokenize
 from app.engagement_log import TASKS, EngagementLog
 from model_export.movielens import (
+    TYPO_KINDS,
     LoadReport,
     MovieLensConfig,
     MovieLensError,
     _fill_negatives,
     load_movielens,
     split_title,
+    typo_variants,
 )
 
 ML_SMALL = Path(__file__).resolve().parents[2] / "shared/datasets/ml-latest-small"
@@ -35,6 +38,44 @@ def ml_small() -> Loaded:
     if not (ML_SMALL / "ratings.csv").is_file():
         pytest.skip(f"MovieLens data set not found at {ML_SMALL}")
     return load_movielens(ML_SMALL, seed=7)
+
+
+def prefix_distance(query: str, name: str) -> int:
+    """Fewest edits (Levenshtein) turning ``query`` into a prefix of ``name`` that starts at
+    a word of it; both already normalised."""
+    best = len(query)
+    for start in [0, *(i for i in range(1, len(name)) if name[i - 1] == " ")]:
+        part = name[start : start + len(query) + 2]
+        previous = list(range(len(part) + 1))
+        for i, q in enumerate(query, 1):
+            current = [i]
+            for j, c in enumerate(part, 1):
+                current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (q != c)))
+            previous = current
+        best = min(best, *previous)
+    return best
+
+
+def search_sessions(log: EngagementLog) -> list[tuple[str, str, list[str]]]:
+    """(user, positive, queries) of each search session: consecutive impressions of one
+    user and positive, a second apart (two sessions can merge by accident: rare)."""
+    pos = log.select((log.task == "search") & (log.label == 1))
+    order = np.argsort(pos.impression_id, kind="stable")
+    ids, ts = pos.impression_id[order], pos.timestamp[order]
+    user, target = pos.user_id[order].tolist(), pos.target_entity_id[order].tolist()
+    query = pos.query[order].tolist()
+    sessions: list[tuple[str, str, list[str]]] = []
+    for k in range(len(ids)):
+        if (
+            k
+            and ids[k] == ids[k - 1] + 1
+            and ts[k] == ts[k - 1] + 1
+            and (user[k], target[k]) == sessions[-1][:2]
+        ):
+            sessions[-1][2].append(query[k])
+        else:
+            sessions.append((user[k], target[k], [query[k]]))
+    return sessions
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +100,7 @@ def test_every_task_has_rows_and_positives(ml_small: Loaded) -> None:
         assert report.rows_per_task[task] > 0
         assert int(log.label[in_task].sum()) == report.positives_per_task[task] > 0
         assert len(np.unique(log.impression_id[in_task])) == report.impressions_per_task[task]
-    assert 400_000 <= len(log) <= 1_200_000
+    assert 1_200_000 <= len(log) <= 2_000_000
     assert report.movies_read == 9742
     assert report.ratings_read == 100836
     assert report.tags_read == 3683
@@ -220,7 +261,7 @@ def test_search_sessions_are_successive_prefixes(ml_small: Loaded) -> None:
             continued += 1
     # Accidental neighbours (two tags of one movie a second apart) are rare.
     assert continued >= 0.99 * same_session.sum()
-    assert same_session.sum() > 0.8 * len(ids)
+    assert same_session.sum() > 0.75 * len(ids)
     assert max(len(q) for q in query.tolist()) <= 24
     # User 2 tagged movie 60756 "Highly quotable": they typed it keystroke by keystroke.
     typed = query[(user == "u2") & (target == "m60756")].tolist()
@@ -238,17 +279,152 @@ def test_search_negatives_match_the_typed_token(ml_small: Loaded) -> None:
     titles_with_prefix: Counter[str] = Counter()
     for title_tokens in tokens.values():
         titles_with_prefix.update({t[:n] for t in title_tokens for n in range(1, len(t) + 1)})
-    negatives = log.select((log.task == "search") & (log.label == 0))
+    search = log.select(log.task == "search")
+    positive_of = dict(
+        zip(
+            search.impression_id[search.label == 1].tolist(),
+            search.target_entity_id[search.label == 1].tolist(),
+            strict=True,
+        )
+    )
+    negatives = search.select(search.label == 0)
     sample = np.arange(0, len(negatives), 97)
-    checked = 0
-    for query, target in zip(
-        negatives.query[sample].tolist(), negatives.target_entity_id[sample].tolist(), strict=True
+    checked = corrected = 0
+    for query, target, impression in zip(
+        negatives.query[sample].tolist(),
+        negatives.target_entity_id[sample].tolist(),
+        negatives.impression_id[sample].tolist(),
+        strict=True,
     ):
-        last = tokenize(normalise_query(query))[-1]
-        if titles_with_prefix[last] >= 50:  # plenty of matches: no random top-up needed
-            assert any(tok.startswith(last) for tok in tokens[target]), (query, target)
-            checked += 1
+        norm = normalise_query(query)
+        last = tokenize(norm)[-1]
+        if titles_with_prefix[last] < 50:  # few matches: random popular top-up
+            continue
+        checked += 1
+        if any(tok.startswith(last) for tok in tokens[target]):
+            continue
+        # A typo in the last token: the policy matched the token the member meant.
+        positive_name = " ".join(tokens[positive_of[impression]])
+        assert 1 <= prefix_distance(norm, positive_name) <= 2, (query, target)
+        assert any(prefix_distance(last, tok) <= 2 for tok in tokens[target]), (query, target)
+        corrected += 1
     assert checked > 100
+    assert corrected < 0.05 * checked
+
+
+def test_title_sessions_are_most_search_impressions(ml_small: Loaded) -> None:
+    catalogue, log, report = ml_small
+    assert (
+        report.title_search_impressions + report.tag_search_impressions
+        == report.impressions_per_task["search"]
+    )
+    share = report.title_search_impressions / report.impressions_per_task["search"]
+    assert 0.7 <= share <= 0.8
+    assert report.title_sessions > 3 * report.tag_sessions
+    # What evaluation sees: the typed text is a prefix of the played title's name, starting
+    # at one of its words (typos, and the tags, are the rest).
+    positives = log.select((log.task == "search") & (log.label == 1))
+    names = {
+        str(e): normalise_query(str(n))
+        for e, n in zip(catalogue.entity_id.tolist(), catalogue.display_name.tolist(), strict=True)
+    }
+
+    def word_prefix(query: str, name: str) -> bool:
+        return name.startswith(query) or f" {query}" in f" {name}"
+
+    exact = [
+        word_prefix(normalise_query(q), names[t])
+        for q, t in zip(positives.query.tolist(), positives.target_entity_id.tolist(), strict=True)
+    ]
+    assert np.mean(exact) >= 0.65
+    # Members stop once they typed enough: most title sessions end before the name does.
+    ends = [
+        (normalise_query(queries[-1]), names[target]) for _, target, queries in search_sessions(log)
+    ]
+    title_ends = [(q, n) for q, n in ends if word_prefix(q, n)]
+    stopped_early = np.mean([not n.endswith(q) for q, n in title_ends])
+    assert stopped_early > 0.6
+    assert np.median([len(q) for q, _ in title_ends]) <= 8
+
+
+def test_tag_sessions_remain(ml_small: Loaded) -> None:
+    _, log, report = ml_small
+    assert report.tag_sessions == report.tags_read - report.tags_unusable == 3683
+    assert report.tag_search_impressions > 30_000
+    # "In Netflix queue" (131 tags) is still typed to its end, keystroke by keystroke.
+    netflix = [q for _, _, q in search_sessions(log) if q[-1] == "In Netflix queue"]
+    assert len(netflix) > 100
+    assert all(q == ["In Netflix queue"[:n] for n in range(2, 17)] for q in netflix)
+
+
+def test_typo_sessions_at_the_configured_share(ml_small: Loaded) -> None:
+    catalogue, log, report = ml_small
+    assert MovieLensConfig().typo_fraction == 0.1
+    assert 0.08 <= report.typo_sessions / report.title_sessions <= 0.12
+    assert 0 < report.typo_search_impressions < 0.1 * report.title_search_impressions
+    names = {
+        str(e): normalise_query(str(n))
+        for e, n in zip(catalogue.entity_id.tolist(), catalogue.display_name.tolist(), strict=True)
+    }
+    # A typo session ends on a query within 2 edits of a prefix of the played title's name
+    # (but not on a prefix): find them in the log (short ones are too ambiguous to tell).
+    typo_ends: dict[tuple[str, str], int] = {}  # (query, positive) -> edits
+    for _, target, queries in search_sessions(log):
+        query = normalise_query(queries[-1])
+        if len(query) >= 3 and 1 <= (edits := prefix_distance(query, names[target])) <= 2:
+            typo_ends[(queries[-1], target)] = edits
+    assert 0.8 * report.typo_sessions <= len(typo_ends) <= 1.1 * report.typo_sessions
+    # Their negatives do not match the typo better than the played title does: the logging
+    # policy matched the token the member meant, not the typo.
+    search = log.select(log.task == "search")
+    positive = search.label == 1
+    key_of = {
+        i: (q, t)
+        for i, q, t in zip(
+            search.impression_id[positive].tolist(),
+            search.query[positive].tolist(),
+            search.target_entity_id[positive].tolist(),
+            strict=True,
+        )
+        if (q, t) in typo_ends
+    }
+    closer = total = 0
+    for i, target in zip(
+        search.impression_id[~positive].tolist(),
+        search.target_entity_id[~positive].tolist(),
+        strict=True,
+    ):
+        key = key_of.get(i)
+        if key is not None:
+            total += 1
+            closer += prefix_distance(normalise_query(key[0]), names[target]) < typo_ends[key]
+    assert total > 5 * len(typo_ends)
+    assert closer < 0.15 * total
+
+
+def test_typo_variants() -> None:
+    variants = typo_variants("The Matrix", 5, 24)
+    assert set(variants) == set(TYPO_KINDS)
+    assert "Teh M" in variants["transposition"]
+    assert "Te M" in variants["missing"]
+    assert "Thhe M" in variants["doubled"]
+    assert variants["accent"] == []
+    for kind in ("transposition", "missing", "doubled"):
+        assert variants[kind]
+        for variant in variants[kind]:
+            distance = prefix_distance(normalise_query(variant), "the matrix")
+            assert 1 <= distance <= 2, (kind, variant)
+    # A dropped accent is a typo only while normalisation keeps accents.
+    accent = typo_variants("Amélie", 4, 24)["accent"]
+    assert accent == ([] if normalise_query("Amélie") == "amelie" else ["Amel"])
+    assert typo_variants("Nyû", 3, 24)["accent"] == ([] if normalise_query("û") == "u" else ["Nyu"])
+    # Every variant of "To" (for "Tootsie") types a prefix of the title: no typo.
+    assert all(v == [] for v in typo_variants("Tootsie", 2, 24).values())
+    # Within the longest prefix logged.
+    doubled = typo_variants("Heat", 4, 4)["doubled"]
+    assert doubled == ["Heea", "Heaa"]
+    # A variant never types a prefix of another word of the title.
+    assert "Str" not in typo_variants("Star Wars: The Empire Strikes Back", 4, 24)["missing"]
 
 
 def test_recommendation_negatives_were_not_rated(
@@ -336,6 +512,48 @@ def test_small_files_derive_every_task(tmp_path: Path) -> None:
     assert report.low_ratings_without_positive == 0
 
 
+def test_small_files_typo_sessions_are_successive_prefixes_near_the_title(
+    tmp_path: Path,
+) -> None:
+    config = MovieLensConfig(title_query_fraction=1.0, typo_fraction=1.0, second_word_fraction=0)
+    catalogue, log, report = load_movielens(write_movielens(tmp_path), seed=3, config=config)
+    # Three positives (u1: m1, m3; u2: m2), each a title session with a typo; one tag.
+    assert (report.title_sessions, report.typo_sessions, report.tag_sessions) == (3, 3, 1)
+    assert report.tag_search_impressions == len("mind bending") - 1
+    sessions = search_sessions(log)
+    assert len(sessions) == 4
+    for user, target, queries in sessions:
+        assert all(b.startswith(a) for a, b in pairwise(queries))
+        if target == "m1" and queries[-1].startswith("mi"):
+            assert user == "u1" and queries[-1] == "mind bending"
+            continue
+        name = normalise_query(str(catalogue.display_name[catalogue.index[target]]))
+        for query in queries:
+            assert prefix_distance(normalise_query(query), name) <= 2, (query, name)
+        assert prefix_distance(normalise_query(queries[-1]), name) >= 1, (queries, name)
+        assert 2 <= len(queries[-1]) <= config.max_title_prefix
+
+
+def test_search_knobs_leave_the_other_tasks_unchanged(tmp_path: Path) -> None:
+    folder = write_movielens(tmp_path)
+    few = MovieLensConfig(title_query_fraction=0, entity_fraction=1)
+    many = MovieLensConfig(title_query_fraction=1, typo_fraction=0.5, entity_fraction=1)
+    _, log, _ = load_movielens(folder, seed=5, config=few)
+    _, more, _ = load_movielens(folder, seed=5, config=many)
+    assert len(more.select(more.task == "search")) > len(log.select(log.task == "search"))
+    for task in ("prequery", "more_like_this", "entity"):
+        a, b = log.select(log.task == task), more.select(more.task == task)
+        assert len(a) > 0
+        # Impression ids shift by the search block's size; rows keep their order.
+        assert np.array_equal(
+            np.unique(a.impression_id, return_inverse=True)[1],
+            np.unique(b.impression_id, return_inverse=True)[1],
+        )
+        for name in ("timestamp", "user_id", "query", "source_entity_id", "target_entity_id"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), (task, name)
+        assert np.array_equal(a.label, b.label)
+
+
 def test_unknown_movie_ids_are_counted_not_silently_dropped(tmp_path: Path) -> None:
     ratings = RATINGS + "3,999,5.0,400\n3,1,4.0,410\n"
     tags = TAGS + "2,998,spooky,500\n"
@@ -406,6 +624,10 @@ def test_config_is_checked() -> None:
         MovieLensConfig(negatives=-1)
     with pytest.raises(ValueError, match=r"entity_fraction must be in \[0, 1\], got 1.5"):
         MovieLensConfig(entity_fraction=1.5)
+    with pytest.raises(ValueError, match=r"typo_fraction must be in \[0, 1\], got -0.1"):
+        MovieLensConfig(typo_fraction=-0.1)
+    with pytest.raises(ValueError, match=r"title_stop_exponent must be > 0, got 0"):
+        MovieLensConfig(title_stop_exponent=0)
 
 
 def test_negative_sampler_never_repeats_nor_excludes() -> None:
