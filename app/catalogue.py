@@ -58,6 +58,8 @@ class Catalogue:
     link_indices: np.ndarray = field(init=False, repr=False)
     _sorted_order: np.ndarray = field(init=False, repr=False)
     _sorted_ids: np.ndarray = field(init=False, repr=False)
+    genre_names: tuple[str, ...] = field(init=False)
+    genre_matrix: np.ndarray = field(init=False, repr=False)  # (E, G) float32 0/1
 
     def __post_init__(self) -> None:
         n = len(self.entity_id)
@@ -82,6 +84,12 @@ class Catalogue:
                 self.available[:, e] = True
             for c in cs:
                 self.available[col[c], e] = True
+        per_genre = [g.split("|") if g else [] for g in self.genres.tolist()]
+        self.genre_names = tuple(sorted({g for gs in per_genre for g in gs}))
+        gcol = {g: i for i, g in enumerate(self.genre_names)}
+        self.genre_matrix = np.zeros((n, len(self.genre_names)), dtype=np.float32)
+        for e, gs in enumerate(per_genre):
+            self.genre_matrix[e, [gcol[g] for g in gs]] = 1.0
         self._build_links()
 
     def _build_links(self) -> None:

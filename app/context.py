@@ -46,13 +46,22 @@ assert tuple(t.value for t in Task) == TASKS  # one list of tasks, checked at im
 
 
 def normalise_query(text: str | None) -> str:
-    """NFKC, case fold, punctuation to spaces, whitespace collapsed; at most
-    ``MAX_QUERY_CHARS`` characters. ``None`` and blank input give ``""``."""
+    """NFKC, case fold, accents folded, punctuation to spaces, whitespace collapsed; at
+    most ``MAX_QUERY_CHARS`` characters. ``None`` and blank input give ``""``."""
     if not text:
         return ""
-    # NFKC again after case folding: folding can undo it ("ß" + accent -> "ss" + accent,
-    # which composes to "sś"), and "ß" + accent must match "SS" + accent as typed.
-    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    # Accent folding: decompose, drop the combining diacritical marks ("é" -> "e", "ś" ->
+    # "s"), recompose, so "Amélie" and "amelie" are the same query. Only the diacritics
+    # blocks: other combining marks spell letters (Devanagari virama, Japanese dakuten)
+    # and are kept. After the case fold, which can undo NFKC ("ß" + accent -> "ss" +
+    # accent): "ß" + accent must match "SS" + accent as typed.
+    stripped = re.sub(
+        "[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]",
+        "",
+        unicodedata.normalize("NFKD", folded),
+    )
+    folded = unicodedata.normalize("NFKC", stripped)
     words = _NON_WORD.sub(" ", folded).replace("_", " ").split()
     return " ".join(words)[:MAX_QUERY_CHARS].strip()
 

@@ -45,6 +45,7 @@ class FeatureTables:
     user_ids: np.ndarray  # (U,) sorted
     user_cluster: np.ndarray  # (U,) 1..K, 0 when the user had no positive
     user_vec: np.ndarray  # (U, d) float32
+    user_genre_pos: np.ndarray  # (U, G) float32 positives per genre (Catalogue.genre_names)
     item_vec: np.ndarray  # (E, d) float32, from the pre-trained user-item model
     centroids: np.ndarray  # (K, d) float32
     prior_ctr: np.ndarray  # () global positive rate, for smoothing
@@ -147,6 +148,9 @@ def build_feature_tables(
         user_inv[pos_rows], target[has_user][pos_rows], len(user_ids), item_vec
     )
     user_cluster = assign_clusters(user_vec, centroids)
+    user_genre_pos = np.zeros((len(user_ids), catalogue.genre_matrix.shape[1]), dtype=np.float32)
+    user_pos_targets = target[has_user][pos_rows]
+    np.add.at(user_genre_pos, user_inv[pos_rows], catalogue.genre_matrix[user_pos_targets])
     cluster_pos = np.zeros((len(centroids) + 1, n_entities), dtype=np.float32)
     np.add.at(cluster_pos, (user_cluster[user_inv[pos_rows]], target[has_user][pos_rows]), 1.0)
 
@@ -186,6 +190,7 @@ def build_feature_tables(
         user_ids=user_ids.astype(str),
         user_cluster=user_cluster,
         user_vec=user_vec,
+        user_genre_pos=user_genre_pos,
         item_vec=item_vec.astype(np.float32),
         centroids=centroids.astype(np.float32),
         prior_ctr=np.array(float(label.mean()) if len(label) else 0.0, dtype=np.float32),

@@ -38,6 +38,7 @@ MAX_QUERY_TOKENS = 8
 TOKEN_BUCKETS = 1 << 15
 BM25_K1, BM25_B = 1.2, 0.75
 CTR_SMOOTHING = 5.0  # pseudo-impressions at the prior rate
+GENRE_SHRINKAGE = 10.0  # pseudo-positives pulling a member's genre profile to the prior
 TASK_IDS: dict[Task, int] = {t: i for i, t in enumerate(Task)}
 LEVEL_IDS: dict[Personalization, int] = {p: i for i, p in enumerate(Personalization)}
 
@@ -46,6 +47,10 @@ DENSE_FEATURES: tuple[str, ...] = (
     "query_chars_log",
     "query_tokens",
     "query_imputed",
+    # share of query tokens that some catalogue name holds (exactly, as a prefix for the
+    # last typed token, or within the typo budget): a title search reads near 1, a
+    # description ("in netflix queue") lower; tells the model when text match decides
+    "query_in_catalogue",
     # query x target text match (every token of a name is an anchor; the last token of a
     # typed search query may be incomplete and matches as a prefix)
     "name_prefix",  # the query is a prefix of the whole name
@@ -63,6 +68,7 @@ DENSE_FEATURES: tuple[str, ...] = (
     "co_engagement_lift",  # log1p(P(target | source page) / P(target))
     "co_engagement_share",
     "linked_to_source",
+    "source_similarity",  # cosine of source and target in the pre-trained item space
     # popularity
     "country_pop_log",
     "global_pop_log",
@@ -74,7 +80,7 @@ DENSE_FEATURES: tuple[str, ...] = (
     "user_genre_affinity",  # the user's genre profile x the target's genres, as a lift
 )
 COL: dict[str, int] = {name: i for i, name in enumerate(DENSE_FEATURES)}
-CONTEXT_DENSE = DENSE_FEATURES[:3]  # filled once per request (ContextFeatures.context_dense)
+CONTEXT_DENSE = DENSE_FEATURES[:4]  # filled once per request (ContextFeatures.context_dense)
 
 INPUT_NAMES: tuple[str, ...] = (
     "ctx_cat",
@@ -97,6 +103,7 @@ class ContextFeatures:
     ctx_source: np.ndarray  # (1,)
     ctx_tokens: np.ndarray  # (1, T)
     user_vec: np.ndarray  # (1, d)
+    genre_lift: np.ndarray | None  # (G,) log lift of the user's genre profile (full only)
     tokens: tuple[str, ...]
     idfs: np.ndarray  # (len(tokens),)
     trigrams: np.ndarray
@@ -104,7 +111,10 @@ class ContextFeatures:
     country_row: int
     cluster: int
     query_row: int
-    context_dense: np.ndarray  # (3,) the context block of DENSE_FEATURES
+    context_dense: np.ndarray  # (4,) the CONTEXT_DENSE block of DENSE_FEATURES
+    # per query token: sorted entity indices holding a name token within the token's typo
+    # budget (the last token of a search query as a prefix); empty below 4 characters
+    fuzzy_postings: tuple[np.ndarray, ...]
 
 
 class FeatureBuilder:
@@ -128,6 +138,16 @@ class FeatureBuilder:
         cluster_tot = tables.cluster_pos.sum(axis=1, keepdims=True)
         self.cluster_share = tables.cluster_pos / np.maximum(cluster_tot, 1.0) * 1000.0
         self.zero_vec = np.zeros((1, tables.vec_dim), dtype=np.float32)
+        norms = np.linalg.norm(tables.item_vec, axis=1, keepdims=True)
+        self.item_unit = (tables.item_vec / np.maximum(norms, 1e-9)).astype(np.float32)
+        # Shares, not counts, for the same reason: P(target) over the window's positives,
+        # and each genre's share of them (the prior a member's genre profile is read against).
+        self.pos_share = tables.entity_pos / max(float(tables.entity_pos.sum()), 1.0)
+        self.genres = catalogue.genre_matrix
+        self.n_genres_of = np.maximum(self.genres.sum(axis=1), 1.0)
+        genre_pos = tables.entity_pos @ self.genres
+        self.genre_prior = (genre_pos + 1.0) / (float(genre_pos.sum()) + len(genre_pos))
+        self.search_pos_total = max(float(tables.query_pos.sum()), 1.0)
 
     def user_cluster(self, user_id: str) -> int:
         row = self.tables.user_row(user_id)
@@ -152,8 +172,10 @@ class FeatureBuilder:
         user_vec = self.zero_vec
         if level is not Personalization.NONE and user_row >= 0:
             cluster = int(self.tables.user_cluster[user_row])
+        genre_lift = None
         if level is Personalization.FULL and user_row >= 0:
             user_vec = self.tables.user_vec[user_row : user_row + 1]
+            genre_lift = self._genre_lift(self.tables.user_genre_pos[user_row])
         source_index = -1
         if ctx.source_entity_id != NULL_SOURCE:
             source_index = self.catalogue.index.get(ctx.source_entity_id, -1)
@@ -161,8 +183,22 @@ class FeatureBuilder:
         ctx_cat = np.array(
             [[TASK_IDS[ctx.task], country_row, cluster, LEVEL_IDS[level]]], dtype=np.int64
         )
+        fuzzy = tuple(
+            self.text.fuzzy_postings(t, prefix=last_is_prefix and i == len(tokens) - 1)
+            for i, t in enumerate(tokens)
+        )
+        known = [
+            len(post) > 0 or self.text.has_token(t, prefix=last_is_prefix and i == len(tokens) - 1)
+            for i, (t, post) in enumerate(zip(tokens, fuzzy, strict=True))
+        ]
         context_dense = np.array(
-            [np.log1p(len(ctx.query)), len(tokens), float(ctx.query_imputed)], dtype=np.float32
+            [
+                np.log1p(len(ctx.query)),
+                len(tokens),
+                float(ctx.query_imputed),
+                float(np.mean(known)) if known else 0.0,
+            ],
+            dtype=np.float32,
         )
         return ContextFeatures(
             context=ctx,
@@ -173,15 +209,28 @@ class FeatureBuilder:
             ),
             ctx_tokens=ctx_tokens,
             user_vec=user_vec,
+            genre_lift=genre_lift,
             tokens=tokens,
             idfs=idfs,
-            trigrams=query_trigrams(ctx.query) if ctx.query else np.zeros(0, dtype=np.int64),
+            trigrams=(
+                query_trigrams(ctx.query, prefix=last_is_prefix)
+                if ctx.query
+                else np.zeros(0, dtype=np.int64)
+            ),
             source_index=source_index,
             country_row=country_row,
             cluster=cluster,
             query_row=self.tables.query_row(ctx.query) if ctx.task is Task.SEARCH else -1,
             context_dense=context_dense,
+            fuzzy_postings=fuzzy,
         )
+
+    def _genre_lift(self, genre_pos: np.ndarray) -> np.ndarray:
+        """log(P(genre | member) / P(genre)), the member's share shrunk towards the prior
+        with ``GENRE_SHRINKAGE`` pseudo-positives: 0 for a member with no history."""
+        total = float(genre_pos.sum())
+        share = (genre_pos + GENRE_SHRINKAGE * self.genre_prior) / (total + GENRE_SHRINKAGE)
+        return np.log(share / self.genre_prior).astype(np.float32)
 
     def candidates(self, cf: ContextFeatures, cand: np.ndarray) -> dict[str, np.ndarray]:
         """Model inputs for ``cand`` (int64 entity indices) under context ``cf``."""
@@ -203,6 +252,10 @@ class FeatureBuilder:
             # Row-wise, not a BLAS mat-vec: a candidate's value must not depend on N or on
             # the other candidates (BLAS blocking changes the rounding with the batch).
             dense[:, COL["user_item_dot"]] = (item_vec * cf.user_vec[0]).sum(axis=1)
+        if cf.genre_lift is not None:
+            dense[:, COL["user_genre_affinity"]] = (
+                self.genres[cand] * cf.genre_lift[None, :]
+            ).sum(axis=1) / self.n_genres_of[cand]
         return {
             "ctx_cat": cf.ctx_cat,
             "ctx_source": cf.ctx_source,
@@ -220,21 +273,31 @@ class FeatureBuilder:
         query = cf.context.query
         prefix_last = cf.context.task is Task.SEARCH
         # (N, Q): does query token q occur as a whole name token (or start one, for the
-        # last token of a typed query)?
+        # last token of a typed query)? ``near``: exactly or within its typo budget.
         match = np.empty((len(cand), len(cf.tokens)), dtype=np.float32)
+        near = np.empty_like(match)
         for q, tok in enumerate(cf.tokens):  # loop over <= 8 query tokens, not candidates
             is_last_prefix = prefix_last and q == len(cf.tokens) - 1
             needle = " " + tok if is_last_prefix else " " + tok + " "
             match[:, q] = np.strings.find(padded, needle) >= 0
+            post = cf.fuzzy_postings[q]
+            near[:, q] = 0.0
+            if len(post):  # sorted entity indices: one binary search per candidate
+                near[:, q] = post[np.minimum(np.searchsorted(post, cand), len(post) - 1)] == cand
+        near = np.maximum(near, match)
         dense[:, COL["name_prefix"]] = np.strings.startswith(names, query)
         dense[:, COL["name_exact"]] = names == query
+        # " name " holds " query" where the query starts at a word: "story" in "toy story"
+        dense[:, COL["word_prefix"]] = np.strings.find(padded, " " + query) >= 0
         dense[:, COL["token_overlap"]] = match.mean(axis=1)
+        dense[:, COL["fuzzy_overlap"]] = near.mean(axis=1)
         dense[:, COL["last_token_prefix"]] = match[:, -1]
         doc_len = text.name_n_tokens[cand][:, None]
         norm = BM25_K1 * (1 - BM25_B + BM25_B * doc_len / text.avg_tokens)
-        dense[:, COL["bm25"]] = (cf.idfs[None, :] * match * (BM25_K1 + 1) / (match + norm)).sum(axis=1)
+        bm25 = cf.idfs[None, :] * match * (BM25_K1 + 1) / (match + norm)
+        dense[:, COL["bm25"]] = bm25.sum(axis=1)
         if len(cf.trigrams):
-            shared = np.isin(text.name_trigrams[cand], cf.trigrams).sum(axis=1)
+            shared = np.isin(text.name_trigrams[cand], cf.trigrams, kind="table").sum(axis=1)
             dense[:, COL["trigram_containment"]] = shared / len(cf.trigrams)
 
     def _engagement_features(
@@ -249,15 +312,24 @@ class FeatureBuilder:
                 (tables.query_pos[lo:hi], tables.query_imp[lo:hi]),
                 cand,
             )
-            dense[:, COL["query_target_pos_share"]] = np.log1p(pos)
-            dense[:, COL["query_target_ctr"]] = (pos + CTR_SMOOTHING * prior) / (imp + CTR_SMOOTHING)
+            dense[:, COL["query_target_pos_share"]] = np.log1p(1e4 * pos / self.search_pos_total)
+            ctr = (pos + CTR_SMOOTHING * prior) / (imp + CTR_SMOOTHING)
+            dense[:, COL["query_target_ctr"]] = ctr
         else:
             dense[:, COL["query_target_ctr"]] = prior
         if cf.source_index >= 0:
             targets, counts = tables.co_engaged(cf.source_index)
             (co,) = _sparse_row_lookup(targets, (counts,), cand)
-            dense[:, COL["co_engagement_lift"]] = np.log1p(co)
-            dense[:, COL["co_engagement_share"]] = co / max(float(counts.sum()), 1.0)
+            share = co / max(float(counts.sum()), 1.0)
+            # P(target | source page) / P(target): how much more the source's page engages
+            # the target than the catalogue at large (a share of shares: window-free).
+            dense[:, COL["co_engagement_lift"]] = np.log1p(
+                share / np.maximum(self.pos_share[cand], 1e-6)
+            ) * (co > 0)
+            dense[:, COL["co_engagement_share"]] = share
+            dense[:, COL["source_similarity"]] = (
+                self.item_unit[cand] * self.item_unit[cf.source_index]
+            ).sum(axis=1)
             linked = self.catalogue.linked(cf.source_index)
             if len(linked):
                 dense[:, COL["linked_to_source"]] = np.isin(cand, linked)

@@ -15,9 +15,20 @@ import numpy as np
 from app.bundle import Bundle
 from app.context import Context, Personalization, impute_context
 from app.errors import InvalidRequest, NotFound
-from app.features import ContextFeatures
+from app.features import COL, ContextFeatures
 
 Scorer = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+def ranking_key(inputs: dict[str, np.ndarray], scores: np.ndarray) -> np.ndarray:
+    """What candidates are ordered by: the model's probability, with the search box's one
+    rule on top: a candidate whose whole name is the query ranks above every other
+    (``name_exact`` is only ever 1 on search). The model alone puts the exact title first
+    for most queries but not for a title that is also the start of a more popular one
+    ("the dark knight" / "the dark knight rises"): members who typed that far and wanted
+    the longer title are in the logs, yet a member who types a whole title means it
+    (docs/MODEL.md, "Exact titles"). The response's ``score`` stays the probability."""
+    return np.asarray(scores, dtype=np.float64) + inputs["dense"][:, COL["name_exact"]]
 
 
 @dataclass(frozen=True)
@@ -119,13 +130,14 @@ class Ranker:
     def finish(self, prepared: PreparedRequest, scores: np.ndarray) -> RankResult:
         q, cand = prepared.query, prepared.candidates
         k = min(q.k, len(cand))
+        key = ranking_key(prepared.inputs, scores)
         top = np.arange(len(cand))
         if k < len(cand):
             # Everything scoring at least the k-th score, ties at the cut included, so that
             # ties are broken by entity index below, not by the candidates' input order.
-            kth = np.partition(-scores, k - 1)[k - 1]
-            top = np.flatnonzero(-scores <= kth)
-        top = top[np.lexsort((cand[top], -scores[top]))][:k]
+            kth = np.partition(-key, k - 1)[k - 1]
+            top = np.flatnonzero(-key <= kth)
+        top = top[np.lexsort((cand[top], -key[top]))][:k]
         catalogue = self.bundle.catalogue
         items = [
             RankedItem(

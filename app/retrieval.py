@@ -35,9 +35,7 @@ class CandidateRetriever:
         self.text = features.text
         self.tables = features.tables
         self.catalogue = features.catalogue
-        self.item_unit = self.tables.item_vec / np.maximum(
-            np.linalg.norm(self.tables.item_vec, axis=1, keepdims=True), 1e-9
-        )
+        self.item_unit = features.item_unit
         # Country availability per country_pos row; row 0 (unknown country) = everything.
         self.allowed = np.stack(
             [self.catalogue.rankable]
@@ -85,19 +83,25 @@ class CandidateRetriever:
 
     def _search_scores(self, cf: ContextFeatures) -> np.ndarray:
         n = self.features.n_entities
-        parts = [
-            self.text.postings(tok, prefix=(i == len(cf.tokens) - 1))
-            for i, tok in enumerate(cf.tokens)
-        ]
-        token_hits = np.bincount(np.concatenate(parts), minlength=n) if parts else np.zeros(n)
+        fuzzy_weight = 0.7  # a query token found only within its typo budget
+        token_hits = np.zeros(n)  # query tokens found exactly (the last one as a prefix)
+        fuzzy_hits = np.zeros(n)  # query tokens found only within their typo budget
+        for i, tok in enumerate(cf.tokens):
+            exact = np.zeros(n, dtype=bool)
+            exact[self.text.postings(tok, prefix=(i == len(cf.tokens) - 1))] = True
+            near = np.zeros(n, dtype=bool)
+            near[cf.fuzzy_postings[i]] = True
+            token_hits += exact
+            fuzzy_hits += near & ~exact
         tri_hits = np.bincount(self.text.trigram_postings(cf.trigrams), minlength=n)
         containment = tri_hits / max(len(cf.trigrams), 1)
-        # Typo tolerance: a name sharing most of the query's trigrams counts even when no
-        # token matched; weak trigram overlap alone does not.
-        fuzzy = np.where(containment >= 0.5, containment, 0.0)
-        relevant = (token_hits > 0) | (fuzzy > 0)
+        # Typo tolerance beyond the edit budget: a name sharing most of the query's
+        # (word-anchored) trigrams counts even when no token matched; weak overlap does not.
+        trigram = np.where(containment >= 0.5, containment, 0.0)
+        relevant = (token_hits > 0) | (fuzzy_hits > 0) | (trigram > 0)
         pop = self.features.pop_log / max(float(self.features.pop_log.max()), 1.0)
-        return np.where(relevant, token_hits + fuzzy + 0.1 * pop, 0.0)
+        score = token_hits + fuzzy_weight * fuzzy_hits + trigram + 0.1 * pop
+        return np.where(relevant, score, 0.0)
 
     def _similar_scores(self, cf: ContextFeatures) -> np.ndarray:
         n = self.features.n_entities

@@ -28,6 +28,7 @@ from app.bundle import (
 )
 from app.context import Personalization
 from app.features import DENSE_FEATURES, INPUT_NAMES, MAX_QUERY_TOKENS, TOKEN_BUCKETS
+from app.ranking import ranking_key
 from model_export.dataset import featurise
 from model_export.evaluate import (
     BASELINES,
@@ -46,6 +47,7 @@ from model_export.pipeline import (
     train_unicorn,
     training_rows,
 )
+from model_export.skew import SKEW_BOUND, format_report, serving_rows, skew_report, skewed
 from model_export.train import TrainConfig, predict
 
 INPUT_SPECS = {
@@ -59,9 +61,13 @@ INPUT_SPECS = {
 }
 
 
-def model_systems(model: UniCoRn, prefix: str = "unified") -> list[System]:
+def model_systems(model: UniCoRn, prefix: str = "unified", rules: bool = True) -> list[System]:
+    """The model at each personalization level, ordered as the service orders
+    (``app.ranking.ranking_key``); ``rules=False``: by the model's probability alone."""
+
     def score(inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return predict(model, inputs)
+        p = predict(model, inputs)
+        return ranking_key(inputs, p) if rules else p
 
     return [System(f"{prefix} ({level.value})", level, score) for level in Personalization]
 
@@ -125,13 +131,18 @@ def build_bundle(
     print(f"data: {len(log)} rows {log.rows_per_task()}", flush=True)
     prep = prepare(catalogue, log, config)
     rows = training_rows(prep)
-    train_config = train_config or TrainConfig(epochs=2 if quick else 4, seed=seed)
+    train_config = train_config or TrainConfig(epochs=1 if quick else 2, seed=seed)
     model, stats = train_unicorn(prep, rows, train_config)
     print(
         f"trained on {len(rows)} rows in {stats['train_seconds']:.1f}s, "
         f"loss {stats['final_loss']:.4f}",
         flush=True,
     )
+
+    skew = skew_report(rows, serving_rows(prep))
+    print(format_report(skew), flush=True)
+    if skewed(skew):
+        print(f"WARNING: skewed beyond {SKEW_BOUND}: {skewed(skew)}", flush=True)
 
     n_eval = eval_per_task or (100 if quick else 400)
     builder, retriever = prep.builder(serving=True), prep.retriever()
@@ -174,6 +185,8 @@ def build_bundle(
         "training": stats | {"timings": prep.timings},
         "data": data_summary(prep, source),
         "offline_metrics": metrics,
+        "train_serve_skew": {"bound": SKEW_BOUND, "features": skew},
+        "training_impressions_dropped": rows.dropped,
         "parity_max_abs_diff": parity,
         "build_seconds": round(time.perf_counter() - started, 1),
         "platform": platform.platform(),

@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="the offline evaluation table (docs/EVALUATION.md)")
     _add_source(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[7])
-    p.add_argument("--per-task", type=int, default=500, help="test impressions per task")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--per-task", type=int, default=1500, help="test impressions per task")
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.set_defaults(func=cmd_evaluate)
 

@@ -1,10 +1,11 @@
 """From engagement log to trained models: the steps shared by ``build-bundle`` and
 ``evaluate``.
 
-    log -> temporal split (train | test) -> train split by time (history | fit)
+    log -> temporal split per user (train | test) -> train split per user (history | fit)
         -> pre-trained item vectors + user clusters (history)
         -> feature tables: history (for training rows), whole train split (for serving)
-        -> featurise fit rows with the service's feature code -> train UniCoRn
+        -> fit impressions on the retriever's candidates, featurised with the service's
+           feature code -> train UniCoRn
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class PipelineConfig:
     vec_dim: int = 16
     mf_epochs: int = 15
     max_retrieved: int = 300
-    extra_negatives: int = 8  # retrieval negatives added to each training impression
+    negatives: int = 30  # label-0 rows per training impression, from the retriever
 
 
 @dataclass
@@ -106,8 +107,9 @@ def prepare(catalogue: Catalogue, log: EngagementLog, config: PipelineConfig) ->
 
 
 def training_rows(prep: Prepared, tasks: tuple[str, ...] | None = None) -> FeaturisedRows:
-    """Fit-window rows featurised with history tables; each impression gets a random
-    personalization level, so one model learns to serve all three."""
+    """Fit-window impressions on the retriever's candidates, featurised with history
+    tables; each impression gets a random personalization level, so one model learns to
+    serve all three."""
     fit = prep.fit if tasks is None else prep.fit.select(np.isin(prep.fit.task, tasks))
     n_imp = len(impression_groups(fit))
     levels = np.random.default_rng(prep.config.seed).integers(0, len(Personalization), n_imp)
@@ -117,7 +119,7 @@ def training_rows(prep: Prepared, tasks: tuple[str, ...] | None = None) -> Featu
         builder,
         levels,
         CandidateRetriever(builder),
-        prep.config.extra_negatives,
+        prep.config.negatives,
         prep.config.max_retrieved,
         prep.config.seed,
     )

@@ -72,7 +72,7 @@ def _build_tiny_bundle(out: Path) -> Path:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return build_bundle(
             out, source="synthetic", quick=True, seed=7, world=world, train_config=train,
-            eval_per_task=4,
+            eval_per_task=60,
         )  # fmt: skip
 
 

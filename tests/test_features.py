@@ -250,7 +250,9 @@ def test_trigram_containment_tolerates_a_typo(builder: FeatureBuilder) -> None:
     typo = d["v_stranger"]
     assert typo["name_exact"] == 0 and typo["name_prefix"] == 0
     assert 0.5 < typo["trigram_containment"] < 1.0
-    assert d["v_dark"]["trigram_containment"] == 0
+    # every word is anchored: of the query's 12 trigrams, "dark water" holds only "er$"
+    assert d["v_dark"]["trigram_containment"] == pytest.approx(1 / 12)
+    assert typo["fuzzy_overlap"] == 1 and typo["token_overlap"] == 0.5  # "strnger": a typo
     exact = dense_for(builder, "search", ("v_stranger",), query="Stranger Things")["v_stranger"]
     assert exact["trigram_containment"] == 1.0
 
@@ -260,50 +262,59 @@ def test_query_target_engagement_is_counted_per_normalised_query(builder: Featur
     d = dense_for(builder, "search", ("v_stranger", "v_strange", "v_dark"), query="STRA")
     # "Stra" -> Stranger Things (positive) and "stra" -> Strange Days (impressed only) are
     # the same normalised query
-    assert d["v_stranger"]["query_target_pos_log"] == pytest.approx(np.log1p(1))
+    assert d["v_stranger"]["query_target_pos_share"] == pytest.approx(
+        np.log1p(1e4 * 1 / builder.search_pos_total)
+    )
     assert d["v_stranger"]["query_target_ctr"] == pytest.approx(
         (1 + CTR_SMOOTHING * prior) / (1 + CTR_SMOOTHING)
     )
-    assert d["v_strange"]["query_target_pos_log"] == 0
+    assert d["v_strange"]["query_target_pos_share"] == 0
     assert d["v_strange"]["query_target_ctr"] == pytest.approx(
         CTR_SMOOTHING * prior / (1 + CTR_SMOOTHING)
     )
-    assert d["v_dark"]["query_target_pos_log"] == 0
+    assert d["v_dark"]["query_target_pos_share"] == 0
     assert d["v_dark"]["query_target_ctr"] == pytest.approx(prior)
     # a query never typed has no statistics
     d = dense_for(builder, "search", ("v_stranger",), query="str")
-    assert d["v_stranger"]["query_target_pos_log"] == 0
+    assert d["v_stranger"]["query_target_pos_share"] == 0
     assert d["v_stranger"]["query_target_ctr"] == pytest.approx(prior)
 
 
 def test_query_statistics_are_for_search_only(builder: FeatureBuilder) -> None:
     d = dense_for(builder, "entity", ("v_stranger",), query="stra", source="p_winona")
-    assert d["v_stranger"]["query_target_pos_log"] == 0
+    assert d["v_stranger"]["query_target_pos_share"] == 0
 
 
 def test_co_engagement_of_source_and_target(builder: FeatureBuilder) -> None:
     cands = ("v_dark", "v_strange", "v_crown", "v_star")
     d = dense_for(builder, "more_like_this", cands, source="v_stranger")
-    assert d["v_dark"]["co_engagement_log"] == pytest.approx(np.log1p(3))
+    assert d["v_dark"]["co_engagement_lift"] == pytest.approx(lift(builder, "v_dark", 3 / 4))
     assert d["v_dark"]["co_engagement_share"] == pytest.approx(3 / 4)
-    assert d["v_strange"]["co_engagement_log"] == pytest.approx(np.log1p(1))
+    assert d["v_strange"]["co_engagement_lift"] == pytest.approx(lift(builder, "v_strange", 1 / 4))
     assert d["v_strange"]["co_engagement_share"] == pytest.approx(1 / 4)
     # an impression without engagement is not co-engagement
-    assert d["v_crown"]["co_engagement_log"] == 0
-    assert d["v_star"]["co_engagement_log"] == 0
+    assert d["v_crown"]["co_engagement_lift"] == 0
+    assert d["v_star"]["co_engagement_lift"] == 0
     # the imputed query: the source's name
     assert d["v_dark"]["query_imputed"] == 1
     assert d["v_dark"]["query_tokens"] == 2
     # no source, no co-engagement
     d = dense_for(builder, "search", ("v_dark",), query="dark")
-    assert d["v_dark"]["co_engagement_log"] == 0
+    assert d["v_dark"]["co_engagement_lift"] == 0
 
 
 def test_linked_to_source(builder: FeatureBuilder) -> None:
     d = dense_for(builder, "entity", ("v_crown", "v_dark", "v_star"), source="g_drama")
     assert (d["v_crown"]["linked_to_source"], d["v_dark"]["linked_to_source"]) == (1, 1)
     assert d["v_star"]["linked_to_source"] == 0
-    assert d["v_crown"]["co_engagement_log"] == pytest.approx(np.log1p(1))
+    share = d["v_crown"]["co_engagement_share"]
+    assert share > 0
+    assert d["v_crown"]["co_engagement_lift"] == pytest.approx(lift(builder, "v_crown", share))
+
+
+def lift(builder: FeatureBuilder, entity: str, share: float) -> float:
+    """co_engagement_lift: log1p(P(target | source page) / P(target))."""
+    return float(np.log1p(share / builder.pos_share[builder.catalogue.index[entity]]))
 
 
 def log_share(count: float, total: float) -> float:
@@ -468,7 +479,7 @@ def test_tables_of_an_empty_log_serve_zeros() -> None:
     ctx = impute_context("search", "u", "star", "US", None, lambda _: None)
     dense = b.candidates(b.context(ctx, Personalization.FULL), np.arange(8))["dense"]
     assert np.all(np.isfinite(dense))
-    assert not dense[:, COL["query_target_pos_log"]].any()
+    assert not dense[:, COL["query_target_pos_share"]].any()
 
 
 def test_tables_save_load_round_trip(builder: FeatureBuilder, tmp_path: object) -> None:
@@ -519,12 +530,12 @@ def test_statistics_never_count_a_test_split_row() -> None:
         return search["v_gospel"], page["v_crown"]
 
     leaky_search, leaky_page = features(hand_world.tables(cat, log))
-    assert leaky_search["query_target_pos_log"] > 0  # the check below can fail
-    assert leaky_page["co_engagement_log"] > 0
+    assert leaky_search["query_target_pos_share"] > 0  # the check below can fail
+    assert leaky_page["co_engagement_lift"] > 0
     search, page = features(hand_world.tables(cat, log.select(train_mask)))
-    assert search["query_target_pos_log"] == 0
+    assert search["query_target_pos_share"] == 0
     assert search["global_pop_log"] == 0 and search["country_pop_log"] == 0
-    assert page["co_engagement_log"] == 0 and page["co_engagement_share"] == 0
+    assert page["co_engagement_lift"] == 0 and page["co_engagement_share"] == 0
 
 
 def test_tables_from_the_train_split_count_exactly_its_rows(
@@ -585,7 +596,11 @@ def test_history_and_fit_windows_are_disjoint_and_ordered(
     history, fit = history_split(train, history_fraction=0.5)
     assert np.array_equal(history, ~fit)
     assert 0.3 < history.mean() < 0.7
-    assert train.timestamp[history].max() < train.timestamp[fit].min()
+    # per user: every history impression precedes every fit impression of that user
+    for user in np.unique(train.user_id[train.user_id != ""]).tolist()[:50]:
+        mine = train.user_id == user
+        if (mine & history).any() and (mine & fit).any():
+            assert train.timestamp[mine & history].max() <= train.timestamp[mine & fit].min()
     assert set(train.impression_id[history].tolist()).isdisjoint(train.impression_id[fit].tolist())
 
 

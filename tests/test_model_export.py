@@ -39,6 +39,7 @@ from app.engagement_log import TASKS
 from app.errors import BundleError
 from app.features import DENSE_FEATURES, INPUT_NAMES
 from app.ranking import Ranker, RankQuery
+from app.retrieval import CandidateRetriever
 from app.scoring import OUTPUT_NAME, OnnxScorer, ScorerOptions
 from model_export import evaluate
 from model_export.bundle_builder import parity_samples
@@ -66,7 +67,7 @@ WORLD = WorldConfig(
     more_like_this_sessions=150,
     entity_sessions=120,
 )
-PIPELINE = PipelineConfig(seed=3, n_clusters=4, vec_dim=8, mf_epochs=2, extra_negatives=2)
+PIPELINE = PipelineConfig(seed=3, n_clusters=4, vec_dim=8, mf_epochs=2, negatives=6)
 ONE_EPOCH = TrainConfig(epochs=1, batch_size=512, seed=3, threads=1, progress=False)
 
 
@@ -126,16 +127,38 @@ def test_featurise_gives_one_row_per_logged_row_plus_negatives(prep: Prepared) -
     # labels in the log's impression order
     order = np.concatenate(groups)
     assert np.array_equal(plain.label, log.label[order].astype(np.float32))
-    extra = featurise(log, builder, Personalization.NONE, prep.retriever(), extra_negatives=3)
-    added = len(extra) - len(log)
-    assert 0 < added <= 3 * len(groups)
-    assert extra.label.sum() == plain.label.sum()  # the added rows are negatives
+
+
+def test_training_rows_are_the_retrievers_candidates(prep: Prepared) -> None:
+    """Every training candidate is one the service's retriever returns for that context;
+    positives it misses drop their impression (counted); at most ``negatives`` label-0
+    rows per impression."""
+    log, builder = prep.fit, prep.builder(serving=False)
+    retriever = CandidateRetriever(builder)
+    rows = featurise(log, builder, Personalization.NONE, retriever, negatives=4)
+    groups = impression_groups(log)
+    kept = np.unique(rows.impression)
+    assert len(kept) + sum(rows.dropped.values()) == len(groups)
+    assert sum(rows.dropped.values()) > 0  # the tiny world's retriever misses some
+    for g in kept.tolist()[:40]:
+        r0 = groups[g][0]
+        ctx = impute_context(
+            str(log.task[r0]), str(log.user_id[r0]), str(log.query[r0]),
+            str(log.country[r0]), str(log.source_entity_id[r0]), builder.catalogue.name_of,
+        )  # fmt: skip
+        pool = retriever.retrieve(builder.context(ctx, Personalization.NONE), limit=300)
+        mine = rows.impression == g
+        assert np.isin(rows.inputs["target"][mine], pool).all()
+        assert rows.label[mine].sum() >= 1 and (rows.label[mine] == 0).sum() <= 4
+        logged_pos = builder.catalogue.lookup(log.target_entity_id[groups[g]])[
+            log.label[groups[g]] == 1
+        ]
+        positives = rows.inputs["target"][mine][rows.label[mine] == 1]
+        assert set(positives.tolist()) == set(logged_pos[np.isin(logged_pos, pool)].tolist())
 
 
 def test_featurise_checks_its_arguments(prep: Prepared) -> None:
     builder = prep.builder(serving=False)
-    with pytest.raises(ValueError, match=r"^extra_negatives needs a retriever$"):
-        featurise(prep.fit, builder, Personalization.FULL, extra_negatives=2)
     with pytest.raises(ValueError, match=r"^cannot featurise an empty log$"):
         featurise(prep.fit.select(np.zeros(len(prep.fit), bool)), builder, Personalization.FULL)
 

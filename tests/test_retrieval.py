@@ -8,10 +8,12 @@ import hand_world
 import numpy as np
 import pytest
 
+from app.catalogue import Catalogue
 from app.context import Personalization, impute_context
 from app.engagement_log import TASKS
-from app.features import FeatureBuilder
+from app.features import COL, FeatureBuilder
 from app.retrieval import CandidateRetriever
+from app.text_index import TextIndex
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +90,10 @@ def test_search_tolerates_a_one_character_typo(retriever: CandidateRetriever) ->
 
 
 def test_weak_trigram_overlap_alone_is_not_a_match(retriever: CandidateRetriever) -> None:
-    # "crwn" shares one trigram ("$cr") with "crown quest": below the fuzzy threshold, so
-    # the slate is the popularity top-up, in which the game has no special place
-    got = retrieve(retriever, "search", "crwn", country="US", limit=3)
+    # "crzz" shares one trigram ("$cr") with "crown quest" and is 2 edits from any "crow..":
+    # below the trigram threshold and over the typo budget, so the slate is the
+    # popularity top-up, in which the game has no special place
+    got = retrieve(retriever, "search", "crzz", country="US", limit=3)
     popular = retrieve(retriever, "prequery", country="US", level=Personalization.NONE, limit=3)
     assert got == popular
 
@@ -230,3 +233,196 @@ def test_tables_for_another_catalogue_are_refused(builder: FeatureBuilder) -> No
         ValueError, match=r"^feature tables have 2 country rows, the catalogue needs 4$"
     ):
         CandidateRetriever(other)
+
+
+# ------------------------------------------------------------- search like a search box
+
+FILMS: tuple[tuple[str, str], ...] = (
+    ("m_toy", "Toy Story"),
+    ("m_toy2", "Toy Story 2"),
+    ("m_god", "The Godfather"),
+    ("m_god2", "The Godfather: Part II"),
+    ("m_tokyo", "Tokyo Godfathers"),
+    ("m_amelie", "Amélie (Le fabuleux destin d'Amélie Poulain)"),
+    ("m_wars", "Star Wars"),
+    ("m_stand", "Stand by Me"),
+    ("m_heat", "Heat"),
+    ("m_inter", "Interstellar"),
+    ("m_the", "The Thing"),
+)
+# "Heat" is the most popular title and "Tokyo Godfathers" next: popularity alone would
+# put them first, so a match must be what brings a title before them.
+FILM_PLAYS: tuple[hand_world.Row, ...] = tuple(
+    (100 + i, "prequery", f"fan{i}", "", "US", "", target, 1)
+    for i, target in enumerate(["m_heat"] * 6 + ["m_tokyo"] * 4 + ["m_god", "m_toy"])
+)
+
+
+@pytest.fixture(scope="module")
+def films() -> CandidateRetriever:
+    n = len(FILMS)
+    cat = Catalogue.from_columns(
+        {
+            "entity_id": np.array([e for e, _ in FILMS]),
+            "entity_type": np.array(["video"] * n),
+            "display_name": np.array([name for _, name in FILMS]),
+            "year": np.zeros(n, dtype=np.int32),
+            "genres": np.array([""] * n),
+            "countries": np.array([""] * n),
+            "link_source": np.array([], dtype=str),
+            "link_target": np.array([], dtype=str),
+        }
+    )
+    tables = hand_world.tables(cat, hand_world.make_log(FILM_PLAYS))
+    return CandidateRetriever(FeatureBuilder(cat, tables, TextIndex.build(cat)))
+
+
+def matched(retriever: CandidateRetriever, query: str) -> list[str]:
+    """The search candidates that match ``query`` (first-stage score > 0), best first:
+    the slate before its popularity top-up."""
+    ctx = impute_context("search", "u", query, "US", None, lambda _: None)
+    cf = retriever.features.context(ctx, Personalization.NONE)
+    score = retriever._search_scores(cf)
+    hits = np.flatnonzero(score > 0)
+    hits = hits[np.argsort(-score[hits], kind="stable")]
+    return retriever.catalogue.entity_id[hits].tolist()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "godfahter",  # transposition
+        "godfaher",  # missing letter
+        "godfatther",  # doubled letter
+        "godfah",  # a typo in a prefix being typed
+        "GODFATHER",
+    ],
+)
+def test_search_finds_the_godfather_through_a_typo(films: CandidateRetriever, query: str) -> None:
+    got = matched(films, query)
+    # every "godfather" title matches, and only those (Heat is the most popular title)
+    assert set(got) == {"m_god", "m_god2", "m_tokyo"}
+    assert retrieve(films, "search", query, limit=3, level=Personalization.NONE)[:3] == got
+
+
+def test_the_typo_in_the_second_word_of_a_name_is_found(films: CandidateRetriever) -> None:
+    # "godfather" is the second word of "the godfather": word anchors and the typo
+    # budget find it, where the whole-name trigrams ("$the godfather$") did not
+    got = matched(films, "the godfahter")
+    assert set(got[:2]) == {"m_god", "m_god2"}  # "the" and "godfahter" both match
+    # then "the" alone (an exact token), then "godfahter" alone (a typo: weighs less)
+    assert got[2:] == ["m_the", "m_tokyo"]
+
+
+def test_a_later_word_is_matched_as_the_start_of_the_query(films: CandidateRetriever) -> None:
+    assert set(matched(films, "story")) == {"m_toy", "m_toy2"}
+    assert set(matched(films, "stor")) >= {"m_toy", "m_toy2"}
+    assert matched(films, "wars")[0] == "m_wars"
+    assert matched(films, "wras")[0] == "m_wars"  # transposition
+
+
+@pytest.mark.parametrize("query", ["Amélie", "amelie", "AMELIE", "ame\u0301lie", "amelei"])
+def test_accents_do_not_matter(films: CandidateRetriever, query: str) -> None:
+    assert matched(films, query) == ["m_amelie"]
+
+
+def test_a_short_token_is_not_matched_with_a_typo(films: CandidateRetriever) -> None:
+    # "hte" is one transposition from "the", but 3 letters get no typo budget (and share
+    # no word-anchored trigram with it): nothing matches, the slate is the top-up
+    assert matched(films, "hte") == []
+    assert matched(films, "the")[:3] != []
+    got = retrieve(films, "search", "hte", limit=3, level=Personalization.NONE)
+    assert got == retrieve(films, "prequery", limit=3, level=Personalization.NONE)
+
+
+def test_an_exact_token_outranks_a_typo_of_it(films: CandidateRetriever) -> None:
+    ctx = impute_context("search", "u", "the godfahter", "US", None, lambda _: None)
+    cf = films.features.context(ctx, Personalization.NONE)
+    score = films._search_scores(cf)
+    idx = films.catalogue.index
+    text = films.text
+    containment = np.isin(text.name_trigrams[idx["m_god"]], cf.trigrams).sum() / len(cf.trigrams)
+    pop = films.features.pop_log[idx["m_god"]] / films.features.pop_log.max()
+    # "the" exactly (1), "godfahter" within the budget (0.7), trigrams, popularity
+    assert containment >= 0.5
+    assert score[idx["m_god"]] == pytest.approx(1 + 0.7 + containment + 0.1 * pop)
+    exact = films.features.context(
+        impute_context("search", "u", "the godfather", "US", None, lambda _: None),
+        Personalization.NONE,
+    )
+    assert films._search_scores(exact)[idx["m_god"]] > score[idx["m_god"]]
+
+
+# ---------------------------------------------------------- search text features
+
+
+def text_features(
+    retriever: CandidateRetriever, query: str, *entity_ids: str, task: str = "search"
+) -> dict[str, dict[str, float]]:
+    catalogue = retriever.catalogue
+
+    def name(entity_id: str) -> str | None:
+        i = catalogue.index.get(entity_id)
+        return None if i is None else str(catalogue.display_name[i])
+
+    source = "m_heat" if task != "search" else None
+    ctx = impute_context(task, "u", query, "US", source, name)
+    cf = retriever.features.context(ctx, Personalization.NONE)
+    cand = np.array([catalogue.index[e] for e in entity_ids], dtype=np.int64)
+    dense = retriever.features.candidates(cf, cand)["dense"]
+    cols = (
+        "name_prefix", "name_exact", "word_prefix", "token_overlap", "fuzzy_overlap",
+        "last_token_prefix", "bm25", "trigram_containment",
+    )  # fmt: skip
+    return {e: {c: float(dense[i, COL[c]]) for c in cols} for i, e in enumerate(entity_ids)}
+
+
+def test_word_prefix_is_the_query_starting_at_any_word(films: CandidateRetriever) -> None:
+    d = text_features(films, "godfather", "m_god", "m_god2", "m_tokyo", "m_heat")
+    assert d["m_god"]["word_prefix"] == 1 and d["m_god"]["name_prefix"] == 0
+    assert d["m_god2"]["word_prefix"] == 1 and d["m_tokyo"]["word_prefix"] == 1
+    assert d["m_heat"]["word_prefix"] == 0
+    d = text_features(films, "story 2", "m_toy", "m_toy2")
+    assert d["m_toy2"]["word_prefix"] == 1 and d["m_toy"]["word_prefix"] == 0
+    # a whole-name prefix is a word prefix; the middle of a word is not
+    d = text_features(films, "toy st", "m_toy")
+    assert d["m_toy"]["word_prefix"] == d["m_toy"]["name_prefix"] == 1
+    assert text_features(films, "ory", "m_toy")["m_toy"]["word_prefix"] == 0
+
+
+def test_fuzzy_overlap_counts_tokens_found_exactly_or_within_the_budget(
+    films: CandidateRetriever,
+) -> None:
+    d = text_features(films, "the godfahter", "m_god", "m_tokyo", "m_the", "m_heat")
+    assert d["m_god"]["token_overlap"] == 0.5 and d["m_god"]["fuzzy_overlap"] == 1
+    assert d["m_tokyo"]["token_overlap"] == 0 and d["m_tokyo"]["fuzzy_overlap"] == 0.5
+    assert d["m_the"]["token_overlap"] == d["m_the"]["fuzzy_overlap"] == 0.5
+    assert d["m_heat"]["fuzzy_overlap"] == 0
+    # bm25 stays on exact matches: the typo adds nothing to the score of "the"
+    exact = text_features(films, "the", "m_god")["m_god"]
+    assert d["m_god"]["bm25"] == pytest.approx(exact["bm25"]) and exact["bm25"] > 0
+    # the last token as a prefix, with a typo
+    d = text_features(films, "godfah", "m_god")["m_god"]
+    assert d["fuzzy_overlap"] == 1 and d["token_overlap"] == 0 and d["last_token_prefix"] == 0
+    # "hte": too short for a typo
+    assert text_features(films, "hte", "m_the")["m_the"]["fuzzy_overlap"] == 0
+
+
+def test_page_queries_are_complete_tokens_for_typos_too(films: CandidateRetriever) -> None:
+    # on a page the last token is not a prefix: "godfah" is 3 letters from "godfather"
+    page = text_features(films, "godfah", "m_god", task="more_like_this")["m_god"]
+    assert page["fuzzy_overlap"] == 0
+    page = text_features(films, "godfahter", "m_god", task="more_like_this")["m_god"]
+    assert page["fuzzy_overlap"] == 1
+
+
+def test_text_features_do_not_depend_on_the_other_candidates(films: CandidateRetriever) -> None:
+    alone = text_features(films, "the godfahter", "m_god")["m_god"]
+    together = text_features(films, "the godfahter", "m_heat", "m_god", "m_tokyo")["m_god"]
+    assert alone == together
+
+
+def test_trigram_containment_is_word_anchored(films: CandidateRetriever) -> None:
+    d = text_features(films, "godfahter", "m_god", "m_heat")
+    assert d["m_god"]["trigram_containment"] >= 0.5  # "$go" of the second word counts
+    assert d["m_heat"]["trigram_containment"] == 0

@@ -8,8 +8,10 @@ from pathlib import Path
 import hand_world
 import numpy as np
 import pytest
+from rapidfuzz.distance import OSA
 
 from app.catalogue import Catalogue
+from app.context import normalise_query, tokenize
 from app.tables import TableError, save_table
 from app.text_index import (
     MAX_NAME_TRIGRAMS,
@@ -17,6 +19,7 @@ from app.text_index import (
     TextIndex,
     query_trigrams,
     stable_hash,
+    typo_budget,
 )
 
 
@@ -56,7 +59,9 @@ def test_prefix_range_holds_exactly_the_tokens_starting_with_it(index: TextIndex
     assert expected == ["star", "strange", "stranger"]
 
 
-@pytest.mark.parametrize("token", ["zzz", "a", "", "strangerthingsforever", "\U0010ffff"])
+@pytest.mark.parametrize(
+    "token", ["zzz", "a", "", "strangerthingsforever", "\U0010ffff", "collection", "collectio"]
+)
 def test_prefix_range_matches_a_brute_force_scan(index: TextIndex, token: str) -> None:
     lo, hi = index.token_range(token, prefix=True)
     assert index.vocab[lo:hi].tolist() == [t for t in index.vocab.tolist() if t.startswith(token)]
@@ -146,7 +151,9 @@ def test_trigram_postings_find_names_sharing_a_trigram(
 ) -> None:
     grams = query_trigrams("dark")
     found = index.trigram_postings(grams)
-    assert ids(catalogue, found) == {"v_dark"}
+    # every word is an anchor: "strange days" holds "$da" of "dark"
+    assert ids(catalogue, found) == {"v_dark", "v_strange"}
+    assert ids(catalogue, index.trigram_postings(query_trigrams("wat"))) == {"v_dark"}
     assert len(index.trigram_postings(np.zeros(0, dtype=np.int64))) == 0
 
 
@@ -220,3 +227,224 @@ def test_colliding_trigrams_count_once() -> None:
     assert len(row) == len(np.unique(row))
     bucket = stable_hash(COLLIDING[0], TRIGRAM_BUCKETS)
     assert index.trigram_postings(np.array([bucket])).tolist() == [0]
+
+
+# ------------------------------------------------------- word anchors and typo matching
+
+FILMS: tuple[str, ...] = (
+    "Toy Story",
+    "Toy Story 2",
+    "The Godfather",
+    "The Godfather: Part II",
+    "Tokyo Godfathers",
+    "Amélie (Le fabuleux destin d'Amélie Poulain)",
+    "Star Wars",
+    "Stand by Me",
+    "Heat",
+    "Interstellar",
+)
+
+
+def films_catalogue() -> Catalogue:
+    n = len(FILMS)
+    return Catalogue.from_columns(
+        {
+            "entity_id": np.array([f"m{i}" for i in range(n)]),
+            "entity_type": np.array(["video"] * n),
+            "display_name": np.array(FILMS),
+            "year": np.zeros(n, dtype=np.int32),
+            "genres": np.array([""] * n),
+            "countries": np.array([""] * n),
+            "link_source": np.array([], dtype=str),
+            "link_target": np.array([], dtype=str),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def films() -> TextIndex:
+    return TextIndex.build(films_catalogue())
+
+
+def film_names(index: TextIndex, entities: np.ndarray) -> set[str]:
+    return set(index.names[entities].tolist())
+
+
+def vocab_of(index: TextIndex, ids_: np.ndarray) -> set[str]:
+    return set(index.vocab[ids_].tolist())
+
+
+def hashes(*grams: str) -> set[int]:
+    return {stable_hash(g, TRIGRAM_BUCKETS) for g in grams}
+
+
+def test_name_trigrams_anchor_every_word(films: TextIndex) -> None:
+    row = films.name_trigrams[int(np.flatnonzero(films.names == "the godfather")[0])]
+    held = set(row[row > 0].tolist())
+    # "$the$ $godfather$": each word starts and ends with an anchor ...
+    assert hashes("$th", "he$", "$go", "god", "her", "er$") <= held
+    # ... and no trigram spans two words
+    assert not hashes("e g", "he ", " go") & held
+    godfather = ("$go", "god", "odf", "dfa", "fat", "ath", "the", "her", "er$")
+    assert held == hashes("$th", "the", "he$", *godfather)  # "the" is in both words
+
+
+def test_query_trigrams_leave_only_the_last_word_open() -> None:
+    assert set(query_trigrams("the godf").tolist()) == hashes(
+        "$th", "the", "he$", "$go", "god", "odf"
+    )
+    # a complete query (a page's imputed name) closes its last word too
+    closed = query_trigrams("the godf", prefix=False)
+    assert set(closed.tolist()) == hashes("$th", "the", "he$", "$go", "god", "odf", "df$")
+
+
+def test_a_typo_in_a_later_word_shares_its_anchored_trigrams(films: TextIndex) -> None:
+    # the name's trigrams start at "$go" of its second word, as the query's do
+    grams = query_trigrams("godfahter")
+    godfather = int(np.flatnonzero(films.names == "the godfather")[0])
+    shared = np.isin(films.name_trigrams[godfather], grams).sum()
+    assert shared / len(grams) >= 0.5
+    assert godfather in films.trigram_postings(grams).tolist()
+
+
+def test_long_names_are_cut_keeping_their_leading_words() -> None:
+    # 64 two-letter words, 191 characters (under MAX_QUERY_CHARS), 128 distinct trigrams
+    words = [a + b for a in "abcdefgh" for b in "abcdefgh"]
+    cat = Catalogue.from_columns(
+        {
+            "entity_id": np.array(["long"]),
+            "entity_type": np.array(["video"]),
+            "display_name": np.array([" ".join(words)]),
+            "year": np.zeros(1, dtype=np.int32),
+            "genres": np.array([""]),
+            "countries": np.array([""]),
+            "link_source": np.array([], dtype=str),
+            "link_target": np.array([], dtype=str),
+        }
+    )
+    row = TextIndex.build(cat).name_trigrams[0]
+    assert (row > 0).sum() == MAX_NAME_TRIGRAMS
+    assert hashes("$aa", "aa$") <= set(row.tolist())  # the first word's
+    assert not hashes("$hh", "hh$") & set(row.tolist())  # the last word's
+
+
+@pytest.mark.parametrize(
+    ("length", "budget"), [(0, 0), (1, 0), (3, 0), (4, 1), (7, 1), (8, 2), (20, 2)]
+)
+def test_typo_budget(length: int, budget: int) -> None:
+    assert typo_budget(length) == budget
+
+
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [
+        ("godfahter", {"godfather", "godfathers"}),  # transposition (2 budget: + "s")
+        ("godfaher", {"godfather", "godfathers"}),  # missing letter
+        ("godfatther", {"godfather", "godfathers"}),  # doubled letter
+        ("godfather", {"godfather", "godfathers"}),  # distance 0 is within the budget
+        ("intersteller", {"interstellar"}),  # substitution
+        ("wras", {"wars"}),  # transposition in a 4-letter token
+        ("stroy", {"story"}),
+        ("amelei", {"amelie"}),
+    ],
+)
+def test_fuzzy_tokens_within_the_typo_budget(
+    films: TextIndex, token: str, expected: set[str]
+) -> None:
+    assert vocab_of(films, films.fuzzy_tokens(token, prefix=False)) == expected
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "wrsa",  # 2 edits from "wars": over the budget of a 4-7 letter token
+        "gxdfxthxr",  # 3 edits from "godfather"
+        "hte",  # 1 edit from "the", but 3 letters: no typo allowed
+        "toi",
+        "sta",
+        "",
+    ],
+)
+def test_fuzzy_tokens_outside_the_budget_or_too_short(films: TextIndex, token: str) -> None:
+    assert len(films.fuzzy_tokens(token, prefix=False)) == 0
+    assert len(films.fuzzy_tokens(token, prefix=True)) == 0
+    assert len(films.fuzzy_postings(token, prefix=True)) == 0
+
+
+def test_fuzzy_prefix_matches_the_start_of_a_token(films: TextIndex) -> None:
+    # "godfah" is 1 edit from "godfat", the start of "godfather(s)"; as a whole token it
+    # is 3 letters short
+    assert len(films.fuzzy_tokens("godfah", prefix=False)) == 0
+    assert vocab_of(films, films.fuzzy_tokens("godfah", prefix=True)) == {
+        "godfather",
+        "godfathers",
+    }
+    assert film_names(films, films.fuzzy_postings("godfah", prefix=True)) == {
+        "the godfather",
+        "the godfather part ii",
+        "tokyo godfathers",
+    }
+    # one extra letter typed ("interss") or one missing ("intrst") still finds it
+    for typed in ("interss", "intrst", "intesr"):
+        assert vocab_of(films, films.fuzzy_tokens(typed, prefix=True)) == {"interstellar"}
+
+
+def test_accents_are_folded_in_names_and_queries(films: TextIndex) -> None:
+    assert "amelie" in films.vocab and "amélie" not in films.vocab
+    amelie = {"amelie le fabuleux destin d amelie poulain"}
+    for typed in ("Amélie", "AMELIE", "ame\u0301lie", "amelie"):
+        (token,) = tokenize(normalise_query(typed))
+        assert film_names(films, films.postings(token, prefix=False)) == amelie
+        assert film_names(films, films.fuzzy_postings(token, prefix=True)) == amelie
+
+
+def test_fuzzy_postings_list_each_entity_once_sorted(films: TextIndex) -> None:
+    for token, prefix in (("godfahter", False), ("godfah", True), ("stor", True)):
+        found = films.fuzzy_postings(token, prefix)
+        assert found.tolist() == sorted(set(found.tolist()))
+        tokens = films.fuzzy_tokens(token, prefix)
+        by_tokens = np.concatenate([films.postings(str(films.vocab[t]), False) for t in tokens])
+        assert found.tolist() == sorted(set(by_tokens.tolist()))
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_fuzzy_tokens_match_a_brute_force_osa_scan(index: TextIndex, prefix: bool) -> None:
+    vocab = index.vocab.tolist()
+    typed = [*vocab, "strnger", "stranegr", "quets", "wtaer", "midnigth", "xyzw", "collectoin"]
+    typed += [t[:n] for t in vocab for n in range(3, len(t))]  # every partly typed token
+    for token in typed:
+        k = typo_budget(len(token))
+
+        def distance(v: str, token: str = token, k: int = k) -> int:
+            if not prefix:
+                return int(OSA.distance(token, v))
+            lengths = range(len(token) - k, len(token) + k + 1)
+            return min(int(OSA.distance(token, v[:n])) for n in lengths)
+
+        expected = [i for i, v in enumerate(vocab) if k and distance(v) <= k]
+        assert index.fuzzy_tokens(token, prefix).tolist() == expected, token
+
+
+def test_fuzzy_matching_survives_save_and_load(films: TextIndex, tmp_path: Path) -> None:
+    path = tmp_path / "text_index.npz"
+    films.save(path)
+    loaded = TextIndex.load(path)
+    for token, prefix in (("godfahter", False), ("godfah", True), ("wras", True)):
+        expected = films.fuzzy_tokens(token, prefix).tolist()
+        assert loaded.fuzzy_tokens(token, prefix).tolist() == expected != []
+
+
+def test_an_empty_index_matches_no_typo() -> None:
+    cat = Catalogue.from_columns(
+        {name: np.array([], dtype=str) for name in ("entity_id", "entity_type", "display_name")}
+        | {
+            "year": np.array([], dtype=np.int32),
+            "genres": np.array([], dtype=str),
+            "countries": np.array([], dtype=str),
+            "link_source": np.array([], dtype=str),
+            "link_target": np.array([], dtype=str),
+        }
+    )
+    index = TextIndex.build(cat)
+    assert len(index.fuzzy_tokens("godfather", prefix=True)) == 0
+    assert len(index.fuzzy_postings("godfather", prefix=False)) == 0
