@@ -107,6 +107,7 @@ class ContextFeatures:
     tokens: tuple[str, ...]
     idfs: np.ndarray  # (len(tokens),)
     trigrams: np.ndarray
+    trigram_containment: np.ndarray  # (E,) share of ``trigrams`` each name holds
     source_index: int  # -1 for the null source
     country_row: int
     cluster: int
@@ -183,8 +184,11 @@ class FeatureBuilder:
         ctx_cat = np.array(
             [[TASK_IDS[ctx.task], country_row, cluster, LEVEL_IDS[level]]], dtype=np.int64
         )
+        # Typos are a search box's problem: a page's query is the source's own name.
         fuzzy = tuple(
-            self.text.fuzzy_postings(t, prefix=last_is_prefix and i == len(tokens) - 1)
+            self.text.fuzzy_postings(t, prefix=i == len(tokens) - 1)
+            if ctx.task is Task.SEARCH
+            else np.zeros(0, dtype=np.int64)
             for i, t in enumerate(tokens)
         )
         known = [
@@ -200,6 +204,16 @@ class FeatureBuilder:
             ],
             dtype=np.float32,
         )
+        trigrams = (
+            query_trigrams(ctx.query, prefix=last_is_prefix)
+            if ctx.query
+            else np.zeros(0, dtype=np.int64)
+        )
+        # Once per request over the inverted index (every name at once): retrieval ranks by
+        # it and the candidates' feature reads it, instead of an (N x 96) membership test.
+        containment = np.bincount(
+            self.text.trigram_postings(trigrams), minlength=self.n_entities
+        ) / max(len(trigrams), 1)
         return ContextFeatures(
             context=ctx,
             level=level,
@@ -212,11 +226,8 @@ class FeatureBuilder:
             genre_lift=genre_lift,
             tokens=tokens,
             idfs=idfs,
-            trigrams=(
-                query_trigrams(ctx.query, prefix=last_is_prefix)
-                if ctx.query
-                else np.zeros(0, dtype=np.int64)
-            ),
+            trigrams=trigrams,
+            trigram_containment=containment,
             source_index=source_index,
             country_row=country_row,
             cluster=cluster,
@@ -296,9 +307,7 @@ class FeatureBuilder:
         norm = BM25_K1 * (1 - BM25_B + BM25_B * doc_len / text.avg_tokens)
         bm25 = cf.idfs[None, :] * match * (BM25_K1 + 1) / (match + norm)
         dense[:, COL["bm25"]] = bm25.sum(axis=1)
-        if len(cf.trigrams):
-            shared = np.isin(text.name_trigrams[cand], cf.trigrams, kind="table").sum(axis=1)
-            dense[:, COL["trigram_containment"]] = shared / len(cf.trigrams)
+        dense[:, COL["trigram_containment"]] = cf.trigram_containment[cand]
 
     def _engagement_features(
         self, cf: ContextFeatures, cand: np.ndarray, dense: np.ndarray
@@ -315,7 +324,7 @@ class FeatureBuilder:
             dense[:, COL["query_target_pos_share"]] = np.log1p(1e4 * pos / self.search_pos_total)
             ctr = (pos + CTR_SMOOTHING * prior) / (imp + CTR_SMOOTHING)
             dense[:, COL["query_target_ctr"]] = ctr
-        else:
+        elif cf.context.task is Task.SEARCH:  # a query never typed: the prior rate
             dense[:, COL["query_target_ctr"]] = prior
         if cf.source_index >= 0:
             targets, counts = tables.co_engaged(cf.source_index)

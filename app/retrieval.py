@@ -93,8 +93,7 @@ class CandidateRetriever:
             near[cf.fuzzy_postings[i]] = True
             token_hits += exact
             fuzzy_hits += near & ~exact
-        tri_hits = np.bincount(self.text.trigram_postings(cf.trigrams), minlength=n)
-        containment = tri_hits / max(len(cf.trigrams), 1)
+        containment = cf.trigram_containment
         # Typo tolerance beyond the edit budget: a name sharing most of the query's
         # (word-anchored) trigrams counts even when no token matched; weak overlap does not.
         trigram = np.where(containment >= 0.5, containment, 0.0)

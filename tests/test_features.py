@@ -41,6 +41,7 @@ from app.features import (
     FeatureBuilder,
 )
 from app.text_index import TextIndex, stable_hash
+from model_export.dataset import featurise
 from model_export.split import history_split, temporal_split
 from model_export.synthetic import WorldConfig, generate_world
 
@@ -283,6 +284,7 @@ def test_query_target_engagement_is_counted_per_normalised_query(builder: Featur
 def test_query_statistics_are_for_search_only(builder: FeatureBuilder) -> None:
     d = dense_for(builder, "entity", ("v_stranger",), query="stra", source="p_winona")
     assert d["v_stranger"]["query_target_pos_share"] == 0
+    assert d["v_stranger"]["query_target_ctr"] == 0
 
 
 def test_co_engagement_of_source_and_target(builder: FeatureBuilder) -> None:
@@ -615,3 +617,28 @@ def test_split_fractions_are_checked(
         ValueError, match=rf"^history_fraction must be in \(0, 1\), got {fraction}$"
     ):
         history_split(log, fraction)
+
+
+def test_fit_labels_never_reach_fit_features(world: tuple[Catalogue, EngagementLog]) -> None:
+    """Flip every fit-window label: the fit rows' features (history tables, per-user
+    split) stay bit-identical; with tables over the whole training split they would not."""
+    catalogue, log = world
+    train = log.select(temporal_split(log, 0.2)[0])
+    history_mask, fit_mask = history_split(train, 0.5)
+    vec = np.random.default_rng(0).normal(size=(len(catalogue), 2)).astype(np.float32)
+    text = TextIndex.build(catalogue)
+    flipped = train.select(np.arange(len(train)))
+    flipped.label[fit_mask] = 1 - flipped.label[fit_mask]
+
+    def fit_inputs(window: EngagementLog, rows: EngagementLog) -> dict[str, np.ndarray]:
+        tables = build_feature_tables(window, catalogue, vec, hand_world.CENTROIDS)
+        b = FeatureBuilder(catalogue, tables, text)
+        return featurise(rows, b, Personalization.FULL).inputs
+
+    honest = fit_inputs(train.select(history_mask), train.select(fit_mask))
+    after_flip = fit_inputs(flipped.select(history_mask), flipped.select(fit_mask))
+    for name in INPUT_NAMES:
+        assert np.array_equal(honest[name], after_flip[name]), name
+    leaky = fit_inputs(train, train.select(fit_mask))
+    leaky_flip = fit_inputs(flipped, flipped.select(fit_mask))
+    assert not np.array_equal(leaky["dense"], leaky_flip["dense"])  # the check can fail

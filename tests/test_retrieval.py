@@ -408,12 +408,12 @@ def test_fuzzy_overlap_counts_tokens_found_exactly_or_within_the_budget(
     assert text_features(films, "hte", "m_the")["m_the"]["fuzzy_overlap"] == 0
 
 
-def test_page_queries_are_complete_tokens_for_typos_too(films: CandidateRetriever) -> None:
-    # on a page the last token is not a prefix: "godfah" is 3 letters from "godfather"
-    page = text_features(films, "godfah", "m_god", task="more_like_this")["m_god"]
-    assert page["fuzzy_overlap"] == 0
+def test_page_queries_are_not_typo_matched(films: CandidateRetriever) -> None:
+    # a page's query is its source's own name, never a typo: fuzzy overlap is exact overlap
     page = text_features(films, "godfahter", "m_god", task="more_like_this")["m_god"]
-    assert page["fuzzy_overlap"] == 1
+    assert page["fuzzy_overlap"] == page["token_overlap"] == 0
+    search = text_features(films, "godfahter", "m_god")["m_god"]
+    assert search["fuzzy_overlap"] == 1  # the same text typed in the search box
 
 
 def test_text_features_do_not_depend_on_the_other_candidates(films: CandidateRetriever) -> None:
