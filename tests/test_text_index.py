@@ -202,6 +202,22 @@ def test_empty_catalogue_builds_an_empty_index() -> None:
 COLLIDING = ("atq", "cej")
 
 
+def one_title(name: str, entity_id: str) -> Catalogue:
+    """A catalogue of one video called ``name``."""
+    return Catalogue.from_columns(
+        {
+            "entity_id": np.array([entity_id]),
+            "entity_type": np.array(["video"]),
+            "display_name": np.array([name]),
+            "year": np.zeros(1, dtype=np.int32),
+            "genres": np.array([""]),
+            "countries": np.array([""]),
+            "link_source": np.array([], dtype=str),
+            "link_target": np.array([], dtype=str),
+        }
+    )
+
+
 def test_the_colliding_pair_still_collides() -> None:
     a, b = COLLIDING
     assert stable_hash(a, TRIGRAM_BUCKETS) == stable_hash(b, TRIGRAM_BUCKETS)
@@ -210,18 +226,7 @@ def test_the_colliding_pair_still_collides() -> None:
 def test_colliding_trigrams_count_once() -> None:
     grams = query_trigrams(" ".join(COLLIDING))
     assert len(grams) == len(np.unique(grams))
-    cat = Catalogue.from_columns(
-        {
-            "entity_id": np.array(["x"]),
-            "entity_type": np.array(["video"]),
-            "display_name": np.array([" ".join(COLLIDING)]),
-            "year": np.zeros(1, dtype=np.int32),
-            "genres": np.array([""]),
-            "countries": np.array([""]),
-            "link_source": np.array([], dtype=str),
-            "link_target": np.array([], dtype=str),
-        }
-    )
+    cat = one_title(" ".join(COLLIDING), "x")
     index = TextIndex.build(cat)
     row = index.name_trigrams[0][index.name_trigrams[0] > 0]
     assert len(row) == len(np.unique(row))
@@ -310,18 +315,7 @@ def test_a_typo_in_a_later_word_shares_its_anchored_trigrams(films: TextIndex) -
 def test_long_names_are_cut_keeping_their_leading_words() -> None:
     # 64 two-letter words, 191 characters (under MAX_QUERY_CHARS), 128 distinct trigrams
     words = [a + b for a in "abcdefgh" for b in "abcdefgh"]
-    cat = Catalogue.from_columns(
-        {
-            "entity_id": np.array(["long"]),
-            "entity_type": np.array(["video"]),
-            "display_name": np.array([" ".join(words)]),
-            "year": np.zeros(1, dtype=np.int32),
-            "genres": np.array([""]),
-            "countries": np.array([""]),
-            "link_source": np.array([], dtype=str),
-            "link_target": np.array([], dtype=str),
-        }
-    )
+    cat = one_title(" ".join(words), "long")
     row = TextIndex.build(cat).name_trigrams[0]
     assert (row > 0).sum() == MAX_NAME_TRIGRAMS
     assert hashes("$aa", "aa$") <= set(row.tolist())  # the first word's
