@@ -13,22 +13,38 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.bundle import Bundle
-from app.context import Context, Personalization, impute_context
+from app.context import Context, Personalization, Task, impute_context
 from app.errors import InvalidRequest, NotFound
-from app.features import COL, ContextFeatures
+from app.features import COL, TASK_IDS, ContextFeatures
+from app.text_index import TRIGRAM_MATCH
 
 Scorer = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
 def ranking_key(inputs: dict[str, np.ndarray], scores: np.ndarray) -> np.ndarray:
-    """What candidates are ordered by: the model's probability, with the search box's one
-    rule on top: a candidate whose whole name is the query ranks above every other
-    (``name_exact`` is only ever 1 on search). The model alone puts the exact title first
-    for most queries but not for a title that is also the start of a more popular one
-    ("the dark knight" / "the dark knight rises"): members who typed that far and wanted
-    the longer title are in the logs, yet a member who types a whole title means it
-    (docs/MODEL.md, "Exact titles"). The response's ``score`` stays the probability."""
-    return np.asarray(scores, dtype=np.float64) + inputs["dense"][:, COL["name_exact"]]
+    """What candidates are ordered by: the model's probability within three tiers, which
+    is how a search box behaves (docs/MODEL.md, "Search-box order"):
+
+    2. the exact title: the whole normalised name is the query;
+    1. names that match the query: a query token found in the name (exactly, as a prefix
+       for the last typed token, or within the typo budget), or most of its trigrams;
+    0. the rest: retrieval's popular top-ups.
+
+    Only search is tiered. The model alone ranks most exact titles first, but not a
+    title that is also the start of a more popular one ("the dark knight" / "the dark
+    knight rises"), and at
+    ``none`` it lets the most popular title of all above a misspelt match
+    ("godfahter" -> Pulp Fiction first): tag searches, whose titles share no word with
+    what was typed, teach it that popularity can beat text. The response's ``score``
+    stays the probability."""
+    dense = inputs["dense"]
+    if not np.any(inputs["ctx_cat"][:, 0] == TASK_IDS[Task.SEARCH]):
+        return np.asarray(scores, dtype=np.float64)
+    match = (dense[:, COL["fuzzy_overlap"]] > 0) | (
+        dense[:, COL["trigram_containment"]] >= TRIGRAM_MATCH
+    )
+    tier = dense[:, COL["name_exact"]] + match
+    return np.asarray(scores, dtype=np.float64) + 2.0 * tier
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import numpy as np
 
 from app.context import Task
 from app.features import ContextFeatures, FeatureBuilder
+from app.text_index import TRIGRAM_MATCH
 
 NEIGHBOURS_FROM_VECTORS = 100
 # Prequery blend, chosen by the positive-retrieved rate on the synthetic test split
@@ -96,7 +97,7 @@ class CandidateRetriever:
         containment = cf.trigram_containment
         # Typo tolerance beyond the edit budget: a name sharing most of the query's
         # (word-anchored) trigrams counts even when no token matched; weak overlap does not.
-        trigram = np.where(containment >= 0.5, containment, 0.0)
+        trigram = np.where(containment >= TRIGRAM_MATCH, containment, 0.0)
         relevant = (token_hits > 0) | (fuzzy_hits > 0) | (trigram > 0)
         pop = self.features.pop_log / max(float(self.features.pop_log.max()), 1.0)
         score = token_hits + fuzzy_weight * fuzzy_hits + trigram + 0.1 * pop

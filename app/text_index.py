@@ -31,6 +31,7 @@ from app.tables import load_table, save_table
 TRIGRAM_BUCKETS = 1 << 18
 # Word-anchored trigrams of MovieLens ml-latest-small names (9.7k): median 13, 99.9th
 # percentile 67, max 96; at 64, 0.12% of names were cut. A cut keeps the leading words.
+TRIGRAM_MATCH = 0.5  # share of its trigrams a name must hold to match without a token
 MAX_NAME_TRIGRAMS = 96
 MIN_FUZZY_CHARS = 4  # shorter query tokens match exactly or not at all
 _PREFIX_END = "\U0010ffff"  # sorts after every real character: [p, p + END) is "starts with p"

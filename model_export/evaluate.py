@@ -466,6 +466,44 @@ def _hit_shares(ranks: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
     return out
 
 
+def _ask_titles(
+    log: EngagementLog,
+    builder: FeatureBuilder,
+    retriever: CandidateRetriever,
+    systems: list[System],
+    max_retrieved: int,
+    seed: int,
+    n_titles: int,
+    variants: Callable[[str, np.random.Generator], list[tuple[str, str]]],
+) -> tuple[int, np.ndarray, dict[str, np.ndarray], list[tuple[str, str, str]]]:
+    """Each of the ``n_titles`` most popular uniquely named titles, searched by every
+    ``(label, query)`` that ``variants(name, rng)`` makes of its normalised name, asked by
+    a random logged-in member of ``log`` whose country has the title.
+
+    Returns (titles asked, each query's label, {system: each query's rank of the title},
+    [(label, name, query)] in order)."""
+    rng = np.random.default_rng(seed)
+    titles = popular_titles(builder, n_titles)
+    askers = title_askers(log, builder, retriever, titles, rng)
+    names = builder.text.names
+    requests: list[Request] = []
+    meta: list[tuple[int, str, str, str]] = []
+    for t in titles.tolist():
+        if t not in askers:
+            continue
+        user, country = askers[t]
+        for label, query in variants(str(names[t]), rng):
+            requests.append(Request("search", user, query, country))
+            meta.append((t, label, str(names[t]), query))
+    ranked = rank_requests(systems, requests, builder, retriever, max_retrieved)
+    ranks = {
+        s.name: np.array([_rank_of(r[s.name], m[0]) for m, r in zip(meta, ranked, strict=True)])
+        for s in systems
+    }
+    labels = np.array([m[1] for m in meta], dtype=str)
+    return len(askers), labels, ranks, [m[1:] for m in meta]
+
+
 def typo_check(
     log: EngagementLog,
     builder: FeatureBuilder,
@@ -481,38 +519,20 @@ def typo_check(
 
     Returns {titles, queries, examples: {kind: [[name, typo], ...]},
     systems: {system: {kind | "overall": {n, top1, top3, retrieved}}}}."""
-    rng = np.random.default_rng(seed)
-    titles = popular_titles(builder, n_titles)
-    askers = title_askers(log, builder, retriever, titles, rng)
-    names = builder.text.names
-    requests: list[Request] = []
-    meta: list[tuple[int, str]] = []
-    examples: dict[str, list[list[str]]] = {kind: [] for kind in TYPO_KINDS}
-    for t in titles.tolist():
-        if t not in askers:
-            continue
-        user, country = askers[t]
-        for kind in TYPO_KINDS:
-            query = typo_title(str(names[t]), kind, rng)
-            if query is None:
-                continue
-            requests.append(Request("search", user, query, country))
-            meta.append((t, kind))
-            if len(examples[kind]) < 3:
-                examples[kind].append([str(names[t]), query])
-    ranked = rank_requests(systems, requests, builder, retriever, max_retrieved)
-    kinds = np.array([kind for _, kind in meta])
+
+    def typos(name: str, rng: np.random.Generator) -> list[tuple[str, str]]:
+        made = ((kind, typo_title(name, kind, rng)) for kind in TYPO_KINDS)
+        return [(kind, query) for kind, query in made if query is not None]
+
+    n, kinds, ranks, asked = _ask_titles(
+        log, builder, retriever, systems, max_retrieved, seed, n_titles, typos
+    )
+    examples = {k: [[name, q] for label, name, q in asked if label == k][:3] for k in TYPO_KINDS}
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for s in systems:
-        ranks = np.array([_rank_of(r[s.name], t) for (t, _), r in zip(meta, ranked, strict=True)])
-        out[s.name] = {kind: _hit_shares(ranks[kinds == kind], (1, 3)) for kind in TYPO_KINDS}
-        out[s.name]["overall"] = _hit_shares(ranks, (1, 3))
-    return {
-        "titles": len(askers),
-        "queries": len(requests),
-        "examples": examples,
-        "systems": out,
-    }
+    for name, r in ranks.items():
+        out[name] = {kind: _hit_shares(r[kinds == kind], (1, 3)) for kind in TYPO_KINDS}
+        out[name]["overall"] = _hit_shares(r, (1, 3))
+    return {"titles": n, "queries": len(kinds), "examples": examples, "systems": out}
 
 
 # ------------------------------------------------------------------------- prefix check
@@ -536,28 +556,18 @@ def prefix_check(
 
     Many titles share a prefix with a more popular one, so 1.0 is not reachable.
     Returns {titles, systems: {system: {str(length): {n, top3, top10, retrieved}}}}."""
-    rng = np.random.default_rng(seed)
-    titles = popular_titles(builder, n_titles)
-    askers = title_askers(log, builder, retriever, titles, rng)
-    names = builder.text.names
-    requests: list[Request] = []
-    meta: list[tuple[int, int]] = []
-    for t in titles.tolist():
-        if t not in askers:
-            continue
-        name = str(names[t])
-        user, country = askers[t]
-        for n in lengths:
-            if len(name) > n and name[:n].strip():
-                requests.append(Request("search", user, name[:n], country))
-                meta.append((t, n))
-    ranked = rank_requests(systems, requests, builder, retriever, max_retrieved)
-    lens = np.array([n for _, n in meta], dtype=np.int64)
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for s in systems:
-        ranks = np.array([_rank_of(r[s.name], t) for (t, _), r in zip(meta, ranked, strict=True)])
-        out[s.name] = {str(n): _hit_shares(ranks[lens == n], (3, 10)) for n in lengths}
-    return {"titles": len(askers), "systems": out}
+
+    def prefixes(name: str, _: np.random.Generator) -> list[tuple[str, str]]:
+        return [(str(n), name[:n]) for n in lengths if len(name) > n and name[:n].strip()]
+
+    n, lens, ranks, _asked = _ask_titles(
+        log, builder, retriever, systems, max_retrieved, seed, n_titles, prefixes
+    )
+    out = {
+        name: {str(k): _hit_shares(r[lens == str(k)], (3, 10)) for k in lengths}
+        for name, r in ranks.items()
+    }
+    return {"titles": n, "systems": out}
 
 
 # -------------------------------------------------------------------------- taste check

@@ -12,13 +12,14 @@ import math
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.bundle import load_bundle
 from app.context import Personalization, Task
 from app.errors import InvalidRequest, NotFound
-from app.ranking import Ranker, RankQuery
+from app.ranking import Ranker, RankQuery, ranking_key
 from app.schemas import K_MAX, MAX_COUNTRY_CHARS, MAX_ID_CHARS
 
 SETTINGS = settings(max_examples=80, deadline=None)
@@ -86,7 +87,14 @@ def test_any_accepted_request_gets_a_client_error_or_a_clean_top_k(
     scores = [i.score for i in result.items]
     assert len(out) == len(set(out)) <= k
     assert all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in scores)
-    assert scores == sorted(scores, reverse=True)
+    # the order is the ranking key's (score within the search tiers), best first
+    prepared = ranker.prepare(q)
+    cand = prepared.candidates
+    probability = ranker.bundle.scorer.score(prepared.inputs) if len(cand) else np.zeros(0)
+    key = ranking_key(prepared.inputs, probability)
+    assert out == [ids[c] for c in cand[np.lexsort((cand, -key))][:k].tolist()]
+    if task != "search":  # untiered: the order is the score's
+        assert scores == sorted(scores, reverse=True)
     assert all(i.name is not None and i.entity_type for i in result.items)
     if given_ids is None:
         assert all(catalogue.rankable[catalogue.index[e]] for e in out)
