@@ -49,7 +49,7 @@ def serving_rows(prep: Prepared, max_impressions: int = 3000) -> FeaturisedRows:
     )
 
 
-def skew_report(train: FeaturisedRows, serve: FeaturisedRows) -> dict[str, dict[str, float]]:
+def skew_report(train: FeaturisedRows, serve: FeaturisedRows) -> dict[str, dict[str, Any]]:
     """{feature: {train_mean, train_std, serve_mean, serve_std, smd, task}} over dense
     inputs. Means and spreads are over all rows; ``smd`` is the largest standardised mean
     difference within one task (``task``), so a different task mix on the two sides (the
@@ -85,7 +85,7 @@ def _smd(a: np.ndarray, b: np.ndarray, overall_std: np.ndarray) -> np.ndarray:
     return np.abs(b.mean(0) - a.mean(0)) / scale
 
 
-def skewed(report: dict[str, dict[str, float]], bound: float = SKEW_BOUND) -> list[str]:
+def skewed(report: dict[str, dict[str, Any]], bound: float = SKEW_BOUND) -> list[str]:
     return [name for name, r in report.items() if r["smd"] > bound]
 
 

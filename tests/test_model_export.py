@@ -105,9 +105,15 @@ def test_prepare_keeps_test_rows_out_of_every_table(prep: Prepared) -> None:
     # training rows are featurised from the history window only, serving from all of train
     assert prep.history_tables.entity_imp.sum() == history_rows
     assert prep.serving_tables.entity_imp.sum() == len(prep.train)
-    first_fit = prep.fit.timestamp.min()
+    # per user, history precedes fit
     hist_mask = ~np.isin(prep.train.impression_id, prep.fit.impression_id)
-    assert prep.train.timestamp[hist_mask].max() < first_fit
+    users = prep.train.user_id
+    for user in np.unique(users[users != ""]).tolist()[:40]:
+        mine = users == user
+        if (mine & hist_mask).any() and (mine & ~hist_mask).any():
+            assert prep.train.timestamp[mine & hist_mask].max() <= (
+                prep.train.timestamp[mine & ~hist_mask].min()
+            )
 
 
 def test_featurise_gives_one_row_per_logged_row_plus_negatives(prep: Prepared) -> None:
@@ -406,7 +412,7 @@ def test_an_unknown_format_version_is_refused(copy_of: Path) -> None:
 
 def test_changed_dense_features_are_refused(copy_of: Path) -> None:
     edit_manifest(copy_of, lambda m: m["dense_features"].reverse())
-    refused(copy_of, r"the model was trained on features \['user_item_dot'")
+    refused(copy_of, r"the model was trained on features \['user_genre_affinity', 'user_item_dot'")
 
 
 def test_changed_inputs_are_refused(copy_of: Path) -> None:
