@@ -22,12 +22,13 @@ Scorer = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
 def ranking_key(inputs: dict[str, np.ndarray], scores: np.ndarray) -> np.ndarray:
-    """What candidates are ordered by: the model's probability within three tiers, which
-    is how a search box behaves (docs/MODEL.md, "Search-box order"):
+    """What candidates are ordered by: the model's probability within tiers, which is
+    how a search box behaves (docs/MODEL.md, "Search-box order"):
 
-    2. the exact title: the whole normalised name is the query;
-    1. names that match the query: a query token found in the name (exactly, as a prefix
-       for the last typed token, or within the typo budget), or most of its trigrams;
+    3. the exact title: the whole normalised name is the query;
+    2. names holding every query token (exactly, the last typed token as a prefix, or
+       within the typo budget): a misspelt whole title lands here;
+    1. names that match the query: some query token, or most of its trigrams;
     0. the rest: retrieval's popular top-ups.
 
     Only search is tiered. The model alone ranks most exact titles first, but not a
@@ -43,7 +44,8 @@ def ranking_key(inputs: dict[str, np.ndarray], scores: np.ndarray) -> np.ndarray
     match = (dense[:, COL["fuzzy_overlap"]] > 0) | (
         dense[:, COL["trigram_containment"]] >= TRIGRAM_MATCH
     )
-    tier = dense[:, COL["name_exact"]] + match
+    whole = dense[:, COL["fuzzy_overlap"]] >= 1.0  # every query token found
+    tier = dense[:, COL["name_exact"]] + match + (match & whole)
     return np.asarray(scores, dtype=np.float64) + 2.0 * tier
 
 
