@@ -59,7 +59,7 @@ class Catalogue:
     _sorted_order: np.ndarray = field(init=False, repr=False)
     _sorted_ids: np.ndarray = field(init=False, repr=False)
     genre_names: tuple[str, ...] = field(init=False)
-    genre_matrix: np.ndarray = field(init=False, repr=False)  # (E, G) float32 0/1
+    genre_matrix: np.ndarray = field(init=False, repr=False)  # (E, G) float32 0/1, sorted names
 
     def __post_init__(self) -> None:
         n = len(self.entity_id)
@@ -84,7 +84,7 @@ class Catalogue:
                 self.available[:, e] = True
             for c in cs:
                 self.available[col[c], e] = True
-        per_genre = [g.split("|") if g else [] for g in self.genres.tolist()]
+        per_genre = [[g for g in gs.split("|") if g] for gs in self.genres.tolist()]
         self.genre_names = tuple(sorted({g for gs in per_genre for g in gs}))
         gcol = {g: i for i, g in enumerate(self.genre_names)}
         self.genre_matrix = np.zeros((n, len(self.genre_names)), dtype=np.float32)

@@ -105,6 +105,7 @@ class ContextFeatures:
     user_vec: np.ndarray  # (1, d)
     genre_lift: np.ndarray | None  # (G,) log lift of the user's genre profile (full only)
     tokens: tuple[str, ...]
+    is_prefix: tuple[bool, ...]  # per token: matched as a prefix (the last one typed)
     idfs: np.ndarray  # (len(tokens),)
     trigrams: np.ndarray
     trigram_containment: np.ndarray  # (E,) share of ``trigrams`` each name holds
@@ -139,6 +140,8 @@ class FeatureBuilder:
         cluster_tot = tables.cluster_pos.sum(axis=1, keepdims=True)
         self.cluster_share = tables.cluster_pos / np.maximum(cluster_tot, 1.0) * 1000.0
         self.zero_vec = np.zeros((1, tables.vec_dim), dtype=np.float32)
+        self.no_trigram_match = np.zeros(self.n_entities)
+        self.no_trigram_match.flags.writeable = False
         norms = np.linalg.norm(tables.item_vec, axis=1, keepdims=True)
         self.item_unit = (tables.item_vec / np.maximum(norms, 1e-9)).astype(np.float32)
         # Shares, not counts, for the same reason: P(target) over the window's positives,
@@ -159,13 +162,11 @@ class FeatureBuilder:
         ctx_tokens = np.zeros((1, MAX_QUERY_TOKENS), dtype=np.int64)
         for i, tok in enumerate(tokens):
             ctx_tokens[0, i] = stable_hash(tok, TOKEN_BUCKETS)
-        # The last token of a typed search query may be incomplete: treat it as a prefix.
-        last_is_prefix = ctx.task is Task.SEARCH
+        # The last token of a typed search query may be incomplete: it matches as a prefix.
+        search = ctx.task is Task.SEARCH
+        is_prefix = tuple(search and i == len(tokens) - 1 for i in range(len(tokens)))
         idfs = np.array(
-            [
-                self.text.idf(t, prefix=last_is_prefix and i == len(tokens) - 1)
-                for i, t in enumerate(tokens)
-            ],
+            [self.text.idf(t, prefix=p) for t, p in zip(tokens, is_prefix, strict=True)],
             dtype=np.float32,
         )
         user_row = self.tables.user_row(ctx.user_id)
@@ -186,14 +187,12 @@ class FeatureBuilder:
         )
         # Typos are a search box's problem: a page's query is the source's own name.
         fuzzy = tuple(
-            self.text.fuzzy_postings(t, prefix=i == len(tokens) - 1)
-            if ctx.task is Task.SEARCH
-            else np.zeros(0, dtype=np.int64)
-            for i, t in enumerate(tokens)
+            self.text.fuzzy_postings(t, prefix=p) if search else np.zeros(0, dtype=np.int64)
+            for t, p in zip(tokens, is_prefix, strict=True)
         )
         known = [
-            len(post) > 0 or self.text.has_token(t, prefix=last_is_prefix and i == len(tokens) - 1)
-            for i, (t, post) in enumerate(zip(tokens, fuzzy, strict=True))
+            len(post) > 0 or self.text.has_token(t, prefix=p)
+            for t, p, post in zip(tokens, is_prefix, fuzzy, strict=True)
         ]
         context_dense = np.array(
             [
@@ -205,15 +204,16 @@ class FeatureBuilder:
             dtype=np.float32,
         )
         trigrams = (
-            query_trigrams(ctx.query, prefix=last_is_prefix)
+            query_trigrams(ctx.query, prefix=search)
             if ctx.query
             else np.zeros(0, dtype=np.int64)
         )
         # Once per request over the inverted index (every name at once): retrieval ranks by
         # it and the candidates' feature reads it, instead of an (N x 96) membership test.
-        containment = np.bincount(
-            self.text.trigram_postings(trigrams), minlength=self.n_entities
-        ) / max(len(trigrams), 1)
+        containment = self.no_trigram_match  # pre-query: no text, and no E-wide work
+        if len(trigrams):
+            hits = np.bincount(self.text.trigram_postings(trigrams), minlength=self.n_entities)
+            containment = hits / len(trigrams)
         return ContextFeatures(
             context=ctx,
             level=level,
@@ -225,6 +225,7 @@ class FeatureBuilder:
             user_vec=user_vec,
             genre_lift=genre_lift,
             tokens=tokens,
+            is_prefix=is_prefix,
             idfs=idfs,
             trigrams=trigrams,
             trigram_containment=containment,
@@ -282,14 +283,12 @@ class FeatureBuilder:
         names = text.names[cand]
         padded = text.padded_names[cand]
         query = cf.context.query
-        prefix_last = cf.context.task is Task.SEARCH
         # (N, Q): does query token q occur as a whole name token (or start one, for the
         # last token of a typed query)? ``near``: exactly or within its typo budget.
         match = np.empty((len(cand), len(cf.tokens)), dtype=np.float32)
         near = np.empty_like(match)
         for q, tok in enumerate(cf.tokens):  # loop over <= 8 query tokens, not candidates
-            is_last_prefix = prefix_last and q == len(cf.tokens) - 1
-            needle = " " + tok if is_last_prefix else " " + tok + " "
+            needle = " " + tok if cf.is_prefix[q] else " " + tok + " "
             match[:, q] = np.strings.find(padded, needle) >= 0
             post = cf.fuzzy_postings[q]
             near[:, q] = 0.0

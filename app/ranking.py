@@ -33,19 +33,18 @@ def ranking_key(inputs: dict[str, np.ndarray], scores: np.ndarray) -> np.ndarray
 
     Only search is tiered. The model alone ranks most exact titles first, but not a
     title that is also the start of a more popular one ("the dark knight" / "the dark
-    knight rises"), and at
-    ``none`` it lets the most popular title of all above a misspelt match
-    ("godfahter" -> Pulp Fiction first): tag searches, whose titles share no word with
-    what was typed, teach it that popularity can beat text. The response's ``score``
-    stays the probability."""
+    knight rises"), and at ``none`` it lets the most popular title of all above a
+    misspelt match ("godfahter" -> Pulp Fiction first): tag searches, whose titles share
+    no word with what was typed, teach it that popularity can beat text. The response's
+    ``score`` stays the probability."""
     dense = inputs["dense"]
     if not np.any(inputs["ctx_cat"][:, 0] == TASK_IDS[Task.SEARCH]):
         return np.asarray(scores, dtype=np.float64)
     match = (dense[:, COL["fuzzy_overlap"]] > 0) | (
         dense[:, COL["trigram_containment"]] >= TRIGRAM_MATCH
     )
-    whole = dense[:, COL["fuzzy_overlap"]] >= 1.0  # every query token found
-    tier = dense[:, COL["name_exact"]] + match + (match & whole)
+    whole = dense[:, COL["fuzzy_overlap"]] >= 1.0  # every query token found (so a match)
+    tier = dense[:, COL["name_exact"]] + match + whole
     return np.asarray(scores, dtype=np.float64) + 2.0 * tier
 
 

@@ -89,7 +89,7 @@ class CandidateRetriever:
         fuzzy_hits = np.zeros(n)  # query tokens found only within their typo budget
         for i, tok in enumerate(cf.tokens):
             exact = np.zeros(n, dtype=bool)
-            exact[self.text.postings(tok, prefix=(i == len(cf.tokens) - 1))] = True
+            exact[self.text.postings(tok, prefix=cf.is_prefix[i])] = True
             near = np.zeros(n, dtype=bool)
             near[cf.fuzzy_postings[i]] = True
             token_hits += exact

@@ -57,7 +57,7 @@ def _limits(info: ValidationInfo) -> RankLimits:
 
 
 class RankRequest(BaseModel):
-    """The unified context of one ranking request (DESIGN.md, "HTTP API")."""
+    """The unified context of one ranking request (docs/API.md, "POST /rank")."""
 
     model_config = ConfigDict(
         extra="forbid",

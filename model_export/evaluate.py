@@ -578,18 +578,6 @@ TASTE_MIN_LIFT = 3.0
 TASTE_K = 20
 
 
-def genre_matrix(catalogue: Catalogue) -> tuple[tuple[str, ...], np.ndarray]:
-    """Genre names (sorted) and an (E, G) bool matrix: entity e carries genre g."""
-    per_entity = [[g for g in s.split("|") if g] for s in catalogue.genres.tolist()]
-    names = tuple(sorted({g for gs in per_entity for g in gs}))
-    col = {g: i for i, g in enumerate(names)}
-    matrix = np.zeros((len(catalogue), len(names)), dtype=bool)
-    for e, gs in enumerate(per_entity):
-        for g in gs:
-            matrix[e, col[g]] = True
-    return names, matrix
-
-
 @dataclass(frozen=True)
 class TasteMember:
     """A member with a clear favourite genre (``taste_members``)."""
@@ -615,7 +603,7 @@ def taste_members(
     of them (ties: the first in genre order) is carried by at least ``min_share`` of their
     positives and by at least ``min_lift`` times the share of all positives carrying it.
     Sorted by user id."""
-    genres, matrix = genre_matrix(catalogue)
+    genres, matrix = catalogue.genre_names, catalogue.genre_matrix > 0
     pos = (train.label == 1) & (train.user_id != "")
     targets = catalogue.lookup(train.target_entity_id[pos])
     known = targets >= 0
@@ -681,7 +669,7 @@ def taste_check(
     rng = np.random.default_rng(seed)
     pick = sorted(rng.permutation(len(qualifying))[:max_members].tolist())
     members = [qualifying[i] for i in pick]
-    genres, matrix = genre_matrix(catalogue)
+    genres, matrix = catalogue.genre_names, catalogue.genre_matrix > 0
     col = {g: i for i, g in enumerate(genres)}
     requests = [Request("prequery", m.user_id, "", m.country) for m in members]
     ranked = rank_requests(systems, requests, builder, retriever, max_retrieved)

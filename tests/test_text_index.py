@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from rapidfuzz.distance import OSA
 
+from app.catalogue import COLUMNS as CATALOGUE_COLUMNS
 from app.catalogue import Catalogue
 from app.context import normalise_query, tokenize
 from app.tables import TableError, save_table
@@ -178,19 +179,13 @@ def test_load_refuses_a_table_missing_a_column(index: TextIndex, tmp_path: Path)
         TextIndex.load(path)
 
 
+def empty_catalogue() -> Catalogue:
+    columns = {name: np.array([], dtype=str) for name in CATALOGUE_COLUMNS}
+    return Catalogue.from_columns(columns | {"year": np.array([], dtype=np.int32)})
+
+
 def test_empty_catalogue_builds_an_empty_index() -> None:
-    empty = {name: np.array([], dtype=str) for name in ("entity_id", "entity_type")}
-    cat = Catalogue.from_columns(
-        empty
-        | {
-            "display_name": np.array([], dtype=str),
-            "year": np.array([], dtype=np.int32),
-            "genres": np.array([], dtype=str),
-            "countries": np.array([], dtype=str),
-            "link_source": np.array([], dtype=str),
-            "link_target": np.array([], dtype=str),
-        }
-    )
+    cat = empty_catalogue()
     index = TextIndex.build(cat)
     assert len(index.vocab) == 0
     assert len(index.postings("a", prefix=True)) == 0
@@ -429,16 +424,7 @@ def test_fuzzy_matching_survives_save_and_load(films: TextIndex, tmp_path: Path)
 
 
 def test_an_empty_index_matches_no_typo() -> None:
-    cat = Catalogue.from_columns(
-        {name: np.array([], dtype=str) for name in ("entity_id", "entity_type", "display_name")}
-        | {
-            "year": np.array([], dtype=np.int32),
-            "genres": np.array([], dtype=str),
-            "countries": np.array([], dtype=str),
-            "link_source": np.array([], dtype=str),
-            "link_target": np.array([], dtype=str),
-        }
-    )
+    cat = empty_catalogue()
     index = TextIndex.build(cat)
     assert len(index.fuzzy_tokens("godfather", prefix=True)) == 0
     assert len(index.fuzzy_postings("godfather", prefix=False)) == 0
