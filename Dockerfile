@@ -69,7 +69,7 @@ RUN groupadd --system --gid 10001 unicorn \
     && chown unicorn:unicorn /srv/bundles
 COPY --from=serving-venv /opt/venv /opt/venv
 COPY deploy/docker/healthcheck.py /opt/unicorn/healthcheck.py
-# Settings are UNICORN_* variables (app/config.py). Bind every interface inside the
+# Settings are UNICORN_* variables (app/serving/config.py). Bind every interface inside the
 # container; the bundle path is a mount point unless the `demo` target fills it.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     OPENBLAS_NUM_THREADS=1 \

@@ -37,6 +37,7 @@ run: venv $(BUNDLE)/manifest.json
 lint: venv
 	$(BIN)/ruff check app model_export tests loadtest
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: venv system-deps lint
 	$(BIN)/pytest -q

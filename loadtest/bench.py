@@ -161,7 +161,7 @@ def machine_info() -> dict[str, Any]:
 
 # --- sections ------------------------------------------------------------------------------
 def bundle_summary(name: str, path: Path) -> dict[str, Any]:
-    from app.bundle import load_bundle
+    from app.core.bundle import load_bundle
 
     bundle = load_bundle(path)
     c, t = bundle.catalogue, bundle.tables
@@ -179,7 +179,7 @@ def bundle_summary(name: str, path: Path) -> dict[str, Any]:
 def run_inprocess(
     res: Results, plan: Plan, paths: dict[str, Path], say: Callable[[str], None]
 ) -> None:
-    from app.bundle import load_bundle
+    from app.core.bundle import load_bundle
     from loadtest.inprocess import measure_path
     from loadtest.workload import TASKS, request_bodies
 
@@ -214,7 +214,7 @@ def run_inprocess(
 
 
 def run_sessions(res: Results, plan: Plan, path: Path, say: Callable[[str], None]) -> None:
-    from app.bundle import load_bundle
+    from app.core.bundle import load_bundle
     from loadtest.inprocess import compare_sessions, feeds_for
     from loadtest.workload import request_bodies
 
@@ -233,9 +233,9 @@ def run_serialisation(res: Results, path: Path) -> None:
 
     import orjson
 
-    from app.bundle import load_bundle
-    from app.ranking import Ranker
-    from app.schemas import RankLimits, RankRequest
+    from app.core.bundle import load_bundle
+    from app.core.ranking import Ranker
+    from app.http.schemas import RankLimits, RankRequest
     from loadtest.workload import rank_query, request_bodies
 
     bundle = load_bundle(path)
@@ -296,7 +296,7 @@ class HttpRunner:
         self.redis.stop()
 
     def bodies_file(self, bundle_name: str, path: Path, task: str, kind: str) -> Path | None:
-        from app.bundle import load_bundle
+        from app.core.bundle import load_bundle
         from loadtest.httpbench import write_bodies
         from loadtest.workload import request_bodies
 
@@ -596,13 +596,13 @@ def run_scale(
     res: Results, runner: HttpRunner, plan: Plan, small: Path, big: Path, say: Callable[[str], None]
 ) -> None:
     """Item 5: default world vs the 1M-user / 100k-entity world, same N, interleaved."""
-    from app.bundle import load_bundle
+    from app.core.bundle import load_bundle
     from loadtest.httpbench import BLAS_ENV
     from loadtest.inprocess import Dist
     from loadtest.workload import TASKS, rank_query, request_bodies
 
     bundles = {"demo": load_bundle(small), "big": load_bundle(big)}
-    from app.ranking import Ranker
+    from app.core.ranking import Ranker
 
     perf = time.perf_counter
     for n in CANDIDATE_COUNTS:

@@ -4,7 +4,7 @@
     .venv/bin/python -m loadtest.faults --only redis_killed reload --rate 100
     .venv/bin/python -m loadtest.faults --write docs/RELIABILITY.md
 
-Each scenario starts what it needs (a throwaway ``redis-server``, ``python -m app.server``
+Each scenario starts what it needs (a throwaway ``redis-server``, ``python -m app.http.server``
 as a separate process tree on free ports), drives an OPEN-LOOP load of mixed ``/rank``
 requests at a fixed rate (``LoadRunner``: asyncio + httpx in a background thread; a
 request's latency runs from its scheduled send time, so client-side queueing behind a
@@ -284,7 +284,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 # --- redis --------------------------------------------------------------------------------
 # --- the service --------------------------------------------------------------------------
 class ServiceProcess:
-    """``python -m app.server`` (what ``unicorn serve`` runs) as its own process tree, with
+    """``python -m app.http.server`` (what ``unicorn serve`` runs) as its own process tree, with
     ``UNICORN_*`` settings; its JSON log lines go to ``log_path``."""
 
     def __init__(
@@ -313,7 +313,7 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> ServiceProcess:
-        command = [sys.executable, "-m", "app.server"]
+        command = [sys.executable, "-m", "app.http.server"]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 command,
@@ -404,7 +404,7 @@ def shift_model_scores(source: Path, target: Path, logit_shift: float = 0.5) -> 
     import onnx
     from onnx import numpy_helper
 
-    from app.bundle import MANIFEST, MODEL_FILE, write_manifest
+    from app.core.bundle import MANIFEST, MODEL_FILE, write_manifest
 
     shutil.copytree(source, target)
     model = onnx.load(str(target / MODEL_FILE))
@@ -433,7 +433,7 @@ def damaged_bundles(source: Path, directory: Path) -> dict[str, Path]:
     ``truncated`` (half of model.onnx, with a manifest re-hashed to match, so only the
     load can tell), ``incompatible`` (an unknown format version), ``bad_manifest``
     (not JSON)."""
-    from app.bundle import MANIFEST, MODEL_FILE, write_manifest
+    from app.core.bundle import MANIFEST, MODEL_FILE, write_manifest
 
     out: dict[str, Path] = {}
     for kind in ("corrupt", "truncated", "incompatible", "bad_manifest"):
@@ -462,9 +462,9 @@ def reference_answers(
 ) -> dict[int, list[tuple[str, float]]]:
     """What ``bundle``'s model answers for each body, scored in this process: the
     expectation a served answer of that model version must equal."""
-    from app.bundle import load_bundle
-    from app.context import Personalization
-    from app.ranking import Ranker, RankQuery
+    from app.core.bundle import load_bundle
+    from app.core.context import Personalization
+    from app.core.ranking import Ranker, RankQuery
 
     ranker = Ranker(load_bundle(bundle), max_retrieved=max_retrieved)
     answers: dict[int, list[tuple[str, float]]] = {}

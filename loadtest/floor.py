@@ -1,10 +1,10 @@
 """Floor B of the benchmark: the service's own HTTP stack answering a route that only
 parses the ``/rank`` request and returns a fixed body.
 
-``create_app_with_floor`` is ``app.main.create_app`` plus ONE route, ``POST /bench/floor``,
+``create_app_with_floor`` is ``app.http.main.create_app`` plus ONE route, ``POST /bench/floor``,
 so the floor runs in the same process as ``/rank``: same uvicorn loop and parser, same
 middleware (body limit, access log + response counter), same dependency (the loaded
-service), the same pydantic parse of the same ``RankRequest`` body (``service.parse``),
+service), the same pydantic parse of the same ``RankRequest`` body (``parse_rank_request``),
 and an orjson response of the size of a real ``k=20`` answer. What ``/rank`` costs above
 this floor is the ranking service itself: context, cache, retrieval, features, model.
 
@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 
-from app.api import JsonResponse, ServiceDep
-from app.config import Settings
-from app.main import create_app
+from app.http.deps import ServedDep
+from app.http.main import create_app
+from app.http.routes import JsonResponse
+from app.http.schemas import parse_rank_request
+from app.serving.config import Settings
 
 FLOOR_PATH = "/bench/floor"
 FLOOR_ITEMS = 20  # the default k
@@ -59,9 +61,9 @@ def _fixed_body() -> bytes:
 FIXED_BODY = _fixed_body()
 
 
-async def floor(request: Request, service: ServiceDep) -> JsonResponse:
+async def floor(request: Request, served: ServedDep) -> JsonResponse:
     """Parse a ``RankRequest`` exactly as ``/rank`` does, then return a fixed body."""
-    service.parse(await request.body())
+    parse_rank_request(await request.body(), served.limits)
     return JsonResponse(FIXED_BODY)
 
 

@@ -62,7 +62,7 @@ def _cpu_seconds(procs: list[psutil.Process]) -> float:
 
 class BenchServer:
     """The service as a separate process tree, configured by ``settings``: by default the
-    benchmark server (``loadtest.serve``, with Floor B); ``module="app.server"`` runs
+    benchmark server (``loadtest.serve``, with Floor B); ``module="app.http.server"`` runs
     ``unicorn serve`` itself."""
 
     def __init__(

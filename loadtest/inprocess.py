@@ -3,7 +3,7 @@ and the onnxruntime session-option comparison.
 
 - Floor A: ``InferenceSession.run`` of the bundle's model on the inputs of a real request
   of N candidates (the bundle's own session, service defaults).
-- Path: ``Ranker`` stage by stage, exactly what ``RankingService`` runs on a cache miss:
+- Path: ``Ranker`` stage by stage, exactly what ``RankingPipeline`` runs on a cache miss:
   impute (``Ranker.context``) -> retrieval (context features + ``CandidateRetriever``) ->
   features (``FeatureBuilder.candidates``) -> score (``OnnxScorer.score``) -> top-k
   (``Ranker.finish``). ``Ranker(max_retrieved=N)`` makes retrieval return N candidates.
@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from app.bundle import MODEL_FILE, Bundle
-from app.ranking import Ranker
-from app.scoring import OUTPUT_NAME, ScorerOptions
+from app.core.bundle import MODEL_FILE, Bundle
+from app.core.ranking import Ranker
+from app.core.scoring import OUTPUT_NAME, ScorerOptions
 from loadtest.workload import rank_query
 
 STAGES: tuple[str, ...] = ("impute", "retrieval", "features", "score", "topk")

@@ -5,7 +5,7 @@ p99 exceeds 25 ms.
     python -m loadtest.locust_run                    # defaults below; ~2.5 min
     python -m loadtest.locust_run --users 120 --time 2m --bundle bundles/demo
 
-It starts a throwaway redis-server and ``python -m app.server`` (what ``unicorn serve``
+It starts a throwaway redis-server and ``python -m app.http.server`` (what ``unicorn serve``
 runs) on free ports, runs ``locust`` headless (``loadtest/locustfile.py``) with CSV + HTML
 reports under ``reports/``, then prints a markdown summary and writes it into the Locust
 block of ``docs/BENCHMARKS.md``. Members pace their think times from the start of each
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             {"bundle": args.bundle, "redis_url": redis.url},
             workers=args.workers,
             log_dir=args.reports,
-            module="app.server",
+            module="app.http.server",
         )
         cmd = [
             sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest/locustfile.py"),

@@ -2,7 +2,7 @@
 
     UNICORN_BUNDLE=bundles/demo UNICORN_WORKERS=2 python -m loadtest.serve [--http h11]
 
-This is ``app.server.run`` itself (settings from the ``UNICORN_*`` environment, the same
+This is ``app.http.server.run`` itself (settings from the ``UNICORN_*`` environment, the same
 uvicorn options, workers and multiprocess metrics) with one difference: the app factory.
 The event loop is the ``event_loop`` setting (``UNICORN_EVENT_LOOP=uvloop``); ``--http``
 exists to measure what httptools buys.
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app.config import Settings
-from app.server import run
+from app.http.server import run
+from app.serving.config import Settings
 
 FACTORY = "loadtest.floor:create_app_with_floor"
 

@@ -6,7 +6,7 @@ p99 stable minute by minute. The figures of docs/RELIABILITY.md, "Soak".
     .venv/bin/python -m loadtest.soak --minutes 2 --warmup-seconds 30   # a quick look
     .venv/bin/python -m loadtest.soak --write docs/RELIABILITY.md       # update the doc
 
-It starts a throwaway redis-server and ``python -m app.server`` (``--workers``, default
+It starts a throwaway redis-server and ``python -m app.http.server`` (``--workers``, default
 2, sharing the Redis cache) on free ports, then sends an OPEN-LOOP load at ``--rate``
 requests per second (``loadtest.faults.LoadRunner``: a request's latency runs from its
 scheduled send time). The bodies mix every task and personalization level, drawn from

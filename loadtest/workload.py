@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from app.bundle import Bundle
-from app.context import Personalization
-from app.ranking import RankQuery
+from app.core.bundle import Bundle
+from app.core.context import Personalization
+from app.core.ranking import RankQuery
 
 TASKS: tuple[str, ...] = ("search", "prequery", "more_like_this", "entity")
 DEFAULT_K = 20

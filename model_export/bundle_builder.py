@@ -1,6 +1,6 @@
 """``unicorn build-bundle``: data -> train -> quick evaluation -> ONNX export -> bundle.
 
-The bundle (see ``app.bundle``) holds the ONE model that serves all three
+The bundle (see ``app.core.bundle``) holds the ONE model that serves all three
 personalization levels (the level is a model input), the serving feature tables (built
 from the whole training split), the catalogue and the name index, and a manifest with
 the input contract, normalisation constants, data summary, offline metrics and the
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from app.bundle import (
+from app.core.bundle import (
     CATALOGUE_FILE,
     FORMAT_VERSION,
     MODEL_FILE,
@@ -26,9 +26,9 @@ from app.bundle import (
     TEXT_INDEX_FILE,
     write_manifest,
 )
-from app.context import Personalization
-from app.features import DENSE_FEATURES, INPUT_NAMES, MAX_QUERY_TOKENS, TOKEN_BUCKETS
-from app.ranking import ranking_key
+from app.core.context import Personalization
+from app.core.features import DENSE_FEATURES, INPUT_NAMES, MAX_QUERY_TOKENS, TOKEN_BUCKETS
+from app.core.ranking import ranking_key
 from model_export.dataset import featurise
 from model_export.evaluate import (
     BASELINES,
@@ -63,7 +63,7 @@ INPUT_SPECS = {
 
 def model_systems(model: UniCoRn, prefix: str = "unified", rules: bool = True) -> list[System]:
     """The model at each personalization level, ordered as the service orders
-    (``app.ranking.ranking_key``); ``rules=False``: by the model's probability alone."""
+    (``app.core.ranking.ranking_key``); ``rules=False``: by the model's probability alone."""
 
     def score(inputs: dict[str, np.ndarray]) -> np.ndarray:
         p = predict(model, inputs)

@@ -23,7 +23,7 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from app.engagement_log import TASKS
+    from app.core.context import TASKS
     from model_export.pipeline import load_source
 
     started = time.perf_counter()
@@ -71,7 +71,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from app.server import serve_from_args
+    from app.http.server import serve_from_args
 
     return serve_from_args(args)
 
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("serve", help="serve a bundle over HTTP (settings: UNICORN_* env vars)")
-    from app.server import add_serve_arguments
+    from app.http.server import add_serve_arguments
 
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)

@@ -1,7 +1,7 @@
 """Training rows: the engagement log featurised by the service's own feature code, on the
 candidates the service's retriever returns.
 
-Each impression (one request) is imputed with ``app.context.impute_context`` and
+Each impression (one request) is imputed with ``app.core.context.impute_context`` and
 featurised with ``FeatureBuilder.context`` + ``FeatureBuilder.candidates``, exactly the
 calls the service makes, and its context inputs are repeated to one row per candidate.
 
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.context import Personalization, impute_context
-from app.engagement_log import EngagementLog
-from app.features import INPUT_NAMES, FeatureBuilder
-from app.retrieval import CandidateRetriever
+from app.core.context import Personalization, impute_context
+from app.core.features import INPUT_NAMES, FeatureBuilder
+from app.core.retrieval import CandidateRetriever
+from model_export.engagement_log import EngagementLog
 
 LEVELS = tuple(Personalization)
 

@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from app.catalogue import Catalogue
-from app.context import Context, Personalization, impute_context
-from app.engagement_log import TASKS, EngagementLog
-from app.feature_tables import country_rows
-from app.features import DENSE_FEATURES, FeatureBuilder
-from app.retrieval import CandidateRetriever
+from app.core.catalogue import Catalogue
+from app.core.context import TASKS, Context, Personalization, impute_context
+from app.core.feature_tables import country_rows
+from app.core.features import DENSE_FEATURES, FeatureBuilder
+from app.core.retrieval import CandidateRetriever
 from model_export.dataset import impression_groups
+from model_export.engagement_log import EngagementLog
 
 K = 10
 Scorer = Callable[[dict[str, np.ndarray]], np.ndarray]

@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import torch
 
-from app.features import INPUT_NAMES
-from app.scoring import OUTPUT_NAME, OnnxScorer, ScorerOptions
+from app.core.features import INPUT_NAMES
+from app.core.scoring import OUTPUT_NAME, OnnxScorer, ScorerOptions
 from model_export.model import UniCoRn, UniCoRnScorer
 from model_export.train import predict, to_tensors
 

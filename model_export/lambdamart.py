@@ -3,7 +3,7 @@ rows the deep model trains on.
 
 A learned ranker should at least match a well-tuned tree ensemble over the same hand-made
 features, so the evaluation reports this one beside the baselines. Features: every dense
-column (``app.features.DENSE_FEATURES``, ``user_item_dot`` included) plus the task id and
+column (``app.core.features.DENSE_FEATURES``, ``user_item_dot`` included) plus the task id and
 the personalization level id (``ctx_cat[:, 0]``, ``ctx_cat[:, 3]``, categorical). The
 objective is listwise: LambdaRank with NDCG truncated at 20, over the impressions of
 ``FeaturisedRows`` (``lightgbm.train`` with ``objective="lambdarank"``: the model that
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from app.context import Personalization
-from app.features import DENSE_FEATURES
+from app.core.context import Personalization
+from app.core.features import DENSE_FEATURES
 from model_export.dataset import FeaturisedRows
 from model_export.evaluate import System
 

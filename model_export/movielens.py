@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app.catalogue import Catalogue
-from app.context import normalise_query, tokenize
-from app.engagement_log import TASKS, EngagementLog
+from app.core.catalogue import Catalogue
+from app.core.context import TASKS, normalise_query, tokenize
+from model_export.engagement_log import EngagementLog
 
 MOVIES_FILE = "movies.csv"
 RATINGS_FILE = "ratings.csv"

@@ -16,17 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
-from app.catalogue import Catalogue
-from app.context import Personalization
-from app.engagement_log import EngagementLog
-from app.feature_tables import FeatureTables, build_feature_tables
-from app.features import DENSE_FEATURES, TOKEN_BUCKETS, FeatureBuilder
-from app.retrieval import CandidateRetriever
-from app.text_index import TextIndex
+from app.core.catalogue import Catalogue
+from app.core.context import Personalization
+from app.core.feature_tables import FeatureTables
+from app.core.features import DENSE_FEATURES, TOKEN_BUCKETS, FeatureBuilder
+from app.core.retrieval import CandidateRetriever
+from app.core.text_index import TextIndex
 from model_export.dataset import FeaturisedRows, featurise, impression_groups
+from model_export.engagement_log import EngagementLog
 from model_export.model import ModelConfig, UniCoRn
 from model_export.pretrain import fit_clusters, train_item_vectors
 from model_export.split import history_split, temporal_split
+from model_export.table_builder import build_feature_tables
 from model_export.train import TrainConfig, train_model
 
 

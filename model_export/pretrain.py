@@ -4,7 +4,7 @@ user clusters behind ``cluster``.
 - Item vectors: a matrix-factorisation model trained with BPR on the positives of the
   history window (users x items), PyTorch, CPU.
 - Clusters: k-means (numpy, k-means++ seeding) over the users' folded-in vectors
-  (``app.feature_tables.fold_in_users``), so a user's cluster at serving time is computed
+  (``model_export.table_builder.fold_in_users``), so a user's cluster at serving time is computed
   from the same vectors by the same code.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from app.catalogue import Catalogue
-from app.engagement_log import EngagementLog
-from app.feature_tables import fold_in_users
+from app.core.catalogue import Catalogue
+from model_export.engagement_log import EngagementLog
+from model_export.table_builder import fold_in_users
 
 
 def train_item_vectors(

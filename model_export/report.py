@@ -40,8 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from app.context import Personalization
-from app.engagement_log import TASKS
+from app.core.context import TASKS, Personalization
 from model_export.bundle_builder import baseline_systems, model_systems
 from model_export.evaluate import (
     BASELINES,
@@ -68,7 +67,7 @@ UNIFIED = tuple(f"unified ({level})" for level in LEVELS)
 LAMBDAMART = ("lambdamart (none)", "lambdamart (full)")
 BASELINE_NAMES = tuple(name for name, _, _ in BASELINES)
 ROW_TASKS = ("search", SEARCH_TITLE, SEARCH_TAG, *RECS)  # tasks and the search split
-# The model without the exact-title rule of app.ranking.ranking_key: what it learned alone.
+# The model without the exact-title rule of app.core.ranking.ranking_key: what it learned alone.
 MODEL_ONLY = tuple(f"model only ({level})" for level in LEVELS)
 # beside the unified levels in the search checks
 SEARCH_REFERENCES = (*MODEL_ONLY, "bm25", *LAMBDAMART)

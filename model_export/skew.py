@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from app.context import Personalization
-from app.features import DENSE_FEATURES
+from app.core.context import Personalization
+from app.core.features import DENSE_FEATURES
 from model_export.dataset import FeaturisedRows, featurise, impression_groups
 from model_export.pipeline import Prepared
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.engagement_log import EngagementLog
+from model_export.engagement_log import EngagementLog
 
 
 def _impressions(log: EngagementLog) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -30,9 +30,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from app.catalogue import Catalogue
-from app.context import normalise_query, tokenize
-from app.engagement_log import TASKS, EngagementLog
+from app.core.catalogue import Catalogue
+from app.core.context import TASKS, normalise_query, tokenize
+from model_export.engagement_log import EngagementLog
 
 # fmt: off
 # --- Vocabularies -------------------------------------------------------------------------
@@ -503,7 +503,7 @@ class _Entities:
         tokens[dup, n_tokens[dup]] = number[dup]
         self.tokens = tokens  # (R, 7) lowercase name tokens, "" padding
         self.start_tokens = n_tokens  # a query may start at any of these (not the number)
-        # equals app.context.normalise_query(display name)
+        # equals app.core.context.normalise_query(display name)
         self.name_norm = _compact(
             np.where(dup, np.strings.add(np.strings.add(base, " "), number), base)
         )

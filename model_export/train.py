@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from app.features import INPUT_NAMES
+from app.core.features import INPUT_NAMES
 from model_export.dataset import FeaturisedRows
 from model_export.model import ModelConfig, UniCoRn
 

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.config import Settings
+from app.serving.config import Settings
 from loadtest.processes import REDIS, RedisServer, free_port
 
 REUSE_BUNDLE_ENV = "UNICORN_TEST_TINY_BUNDLE"
@@ -88,7 +88,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def copy_bundle(source: Path, target: Path, model_version: str | None = None) -> Path:
     """A copy of ``source``; with ``model_version`` the manifest is rewritten (and re-hashed)."""
-    from app.bundle import MANIFEST, write_manifest
+    from app.core.bundle import MANIFEST, write_manifest
 
     shutil.copytree(source, target)
     if model_version is not None:
@@ -174,7 +174,7 @@ class LiveServer:
 
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # As app.server does for its workers: asyncio leaves TCP_NODELAY off on sockets
+        # As app.http.server does for its workers: asyncio leaves TCP_NODELAY off on sockets
         # of protocol 0, and each response would wait for a delayed ACK (~40 ms).
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -213,7 +213,7 @@ class LiveServer:
 @pytest.fixture
 def start_server() -> Iterator[Callable[[Settings], LiveServer]]:
     """``start_server(settings)``: a live uvicorn server; all are stopped at teardown."""
-    from app.main import create_app
+    from app.http.main import create_app
 
     servers: list[LiveServer] = []
 
@@ -243,7 +243,7 @@ RunningApp = Callable[
 
 @contextlib.asynccontextmanager
 async def _running_app(settings: Settings) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    from app.main import create_app
+    from app.http.main import create_app
 
     app = create_app(settings)
     async with app.router.lifespan_context(app):

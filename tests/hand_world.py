@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.catalogue import Catalogue
-from app.engagement_log import EngagementLog
-from app.feature_tables import FeatureTables, build_feature_tables
-from app.features import FeatureBuilder
-from app.text_index import TextIndex
+from app.core.catalogue import Catalogue
+from app.core.feature_tables import FeatureTables
+from app.core.features import FeatureBuilder
+from app.core.text_index import TextIndex
+from model_export.engagement_log import EngagementLog
+from model_export.table_builder import build_feature_tables
 
 ENTITIES: tuple[tuple[str, str, str, str], ...] = (
     ("v_stranger", "video", "Stranger Things", ""),

@@ -1,4 +1,4 @@
-"""Admission control on a real event loop (``app.admission``): first come first served,
+"""Admission control on a real event loop (``app.serving.admission``): first come first served,
 slots handed on at the next turn, refusals, and the fair share of the loop."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from app.admission import WINDOW_S, Admission
-from app.errors import Overloaded
+from app.core.errors import Overloaded
+from app.serving.admission import WINDOW_S, Admission
 
 pytestmark = pytest.mark.anyio
 

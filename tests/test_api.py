@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 
-from app.bundle import Bundle
-from app.config import Settings
-from app.context import NULL_SOURCE, UNKNOWN_COUNTRY, UNKNOWN_USER
-from app.main import StartupError, create_app
-from app.schemas import RankResponse
+from app.core.bundle import Bundle
+from app.core.context import NULL_SOURCE, UNKNOWN_COUNTRY, UNKNOWN_USER
+from app.http.main import StartupError, create_app
+from app.http.schemas import RankResponse
+from app.serving.config import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -42,7 +42,7 @@ def client(served: tuple[Any, httpx.AsyncClient]) -> httpx.AsyncClient:
 
 @pytest.fixture
 def bundle(served: tuple[Any, httpx.AsyncClient]) -> Bundle:
-    return served[0].state.service.model.bundle
+    return served[0].state.served.models.model.bundle
 
 
 def _video(bundle: Bundle, i: int = 0) -> str:
@@ -454,7 +454,7 @@ async def test_requests_queued_on_a_busy_loop_are_shed(
     """Inline scoring blocks the loop; requests queued behind it past the timeout get 503."""
     settings = settings_for(max_in_flight=1, queue_timeout_ms=100, cache_enabled=False)
     async with running_app(settings) as (app, client):
-        scorer = app.state.service.model.bundle.scorer
+        scorer = app.state.served.models.model.bundle.scorer
         real_score = scorer.score
 
         def slow_score(inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -480,7 +480,7 @@ async def test_the_loop_reads_new_requests_between_inline_scorings(
     last of them, and the /rank calls finish first come, first served."""
     settings = settings_for(max_in_flight=1, queue_timeout_ms=5000, cache_enabled=False)
     async with running_app(settings) as (app, client):
-        scorer = app.state.service.model.bundle.scorer
+        scorer = app.state.served.models.model.bundle.scorer
         real_score = scorer.score
 
         def slow_score(inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -553,14 +553,14 @@ async def test_a_request_uses_one_model_snapshot_across_a_reload(
     model it started with; the next request gets the new one and misses the cache."""
     settings = settings_for(batch_window_ms=150, admin_token="a" * 16)
     async with running_app(settings) as (app, client):
-        service = app.state.service
+        served = app.state.served
         request = {"task": "prequery", "k": 3, "personalization": "none"}
         pending = asyncio.ensure_future(client.post("/rank", json=request))
-        in_flight = service.metrics.registry.get_sample_value
+        in_flight = served.metrics.registry.get_sample_value
         async with asyncio.timeout(5):
             while in_flight("unicorn_in_flight_requests") != 1:  # waiting in the batch window
                 await asyncio.sleep(0.001)
-        await service.reload(second_bundle)
+        await served.models.reload(second_bundle)
         before = (await pending).json()
         after = (await client.post("/rank", json=request)).json()
         assert before["model_version"] == bundle.model_version

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.batching import BatchClosed, MicroBatcher, concatenate_requests, rows_of
-from app.bundle import Bundle, load_bundle
-from app.context import Personalization
-from app.errors import BundleError
-from app.ranking import Ranker, RankQuery
-from app.service import check_batched_scoring
+from app.core.bundle import Bundle, load_bundle
+from app.core.context import Personalization
+from app.core.errors import BundleError
+from app.core.ranking import Ranker, RankQuery
+from app.serving.batching import BatchClosed, MicroBatcher, concatenate_requests, rows_of
+from app.serving.model_holder import check_batched_scoring
 
 pytestmark = pytest.mark.anyio
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from app.cache import (
+from app.core.context import Personalization
+from app.serving.cache import (
     KEY_PREFIX,
     CacheKeyParts,
     CircuitBreaker,
@@ -19,8 +20,7 @@ from app.cache import (
     RedisCache,
     cache_key,
 )
-from app.context import Personalization
-from app.metrics import ServiceMetrics
+from app.serving.metrics import ServiceMetrics
 
 pytestmark = pytest.mark.anyio
 

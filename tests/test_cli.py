@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.catalogue import Catalogue
-from app.engagement_log import TASKS, EngagementLog
+from app.core.catalogue import Catalogue
+from app.core.context import TASKS
 from model_export.cli import build_parser, main
+from model_export.engagement_log import EngagementLog
 
 MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-latest-small"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from app.config import Settings
-from app.server import add_serve_arguments, settings_from_args
+from app.http.server import add_serve_arguments, settings_from_args
+from app.serving.config import Settings
 
 
 def test_defaults_are_the_documented_ones() -> None:
@@ -114,7 +114,7 @@ def test_several_workers_listen_on_a_socket_with_tcp_nodelay(
     import uvicorn
     import uvicorn.supervisors
 
-    from app.server import WORKER_ENTRY, _run_workers
+    from app.http.server import WORKER_ENTRY, _run_workers
 
     seen: list[int] = []
 

@@ -1,10 +1,10 @@
-"""The unified context and the paper's imputation rules (app.context)."""
+"""The unified context and the paper's imputation rules (app.core.context)."""
 
 from __future__ import annotations
 
 import pytest
 
-from app.context import (
+from app.core.context import (
     MAX_QUERY_CHARS,
     NULL_SOURCE,
     UNKNOWN_COUNTRY,

@@ -13,16 +13,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.catalogue import Catalogue
-from app.context import Personalization, impute_context
-from app.engagement_log import EngagementLog
-from app.feature_tables import build_feature_tables
-from app.features import COL, DENSE_FEATURES, FeatureBuilder
-from app.retrieval import CandidateRetriever
-from app.text_index import TextIndex
+from app.core.catalogue import Catalogue
+from app.core.context import Personalization, impute_context
+from app.core.features import COL, DENSE_FEATURES, FeatureBuilder
+from app.core.retrieval import CandidateRetriever
+from app.core.text_index import TextIndex
 from model_export import evaluate
 from model_export.dataset import FeaturisedRows
+from model_export.engagement_log import EngagementLog
 from model_export.evaluate import System
+from model_export.table_builder import build_feature_tables
 from tests import hand_world
 
 # ------------------------------------------------------------------------------ typos

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.config import Settings
+from app.serving.config import Settings
 from loadtest.faults import (
     LoadRunner,
     Sample,
@@ -288,7 +288,11 @@ def test_serve_exits_non_zero_with_the_reason_on_a_bundle_only_loading_can_refus
     truncated = damaged_bundles(tiny_bundle, tmp_path)["truncated"]
     env = _env(bundle=truncated, workers=workers, port=free_port_factory())
     result = subprocess.run(
-        [sys.executable, "-m", "app.server"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "app.http.server"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     output = result.stdout + result.stderr
     assert result.returncode != 0, output

@@ -1,4 +1,4 @@
-"""Model inputs (app.features) over feature tables (app.feature_tables), and the temporal
+"""Model inputs (app.core.features) over feature tables (app.core.feature_tables), and the temporal
 splits that keep the tables free of the rows being evaluated (model_export.split).
 
 Shapes and dtypes are checked on a small synthetic world; the meaning of each feature on
@@ -13,24 +13,17 @@ import hand_world
 import numpy as np
 import pytest
 
-from app.catalogue import Catalogue
-from app.context import (
+from app.core.catalogue import Catalogue
+from app.core.context import (
     MAX_QUERY_CHARS,
+    TASKS,
     Context,
     Personalization,
     Task,
     impute_context,
 )
-from app.engagement_log import TASKS, EngagementLog
-from app.feature_tables import (
-    USER_SHRINKAGE,
-    FeatureTables,
-    assign_clusters,
-    build_feature_tables,
-    country_rows,
-    fold_in_users,
-)
-from app.features import (
+from app.core.feature_tables import FeatureTables, country_rows
+from app.core.features import (
     CTR_SMOOTHING,
     DENSE_FEATURES,
     INPUT_NAMES,
@@ -40,10 +33,17 @@ from app.features import (
     TOKEN_BUCKETS,
     FeatureBuilder,
 )
-from app.text_index import TextIndex, stable_hash
+from app.core.text_index import TextIndex, stable_hash
 from model_export.dataset import featurise
+from model_export.engagement_log import EngagementLog
 from model_export.split import history_split, temporal_split
 from model_export.synthetic import WorldConfig, generate_world
+from model_export.table_builder import (
+    USER_SHRINKAGE,
+    assign_clusters,
+    build_feature_tables,
+    fold_in_users,
+)
 
 COL = {name: i for i, name in enumerate(DENSE_FEATURES)}
 VEC_DIM = 8

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.config import Settings
+from app.serving.config import Settings
 
 pytestmark = pytest.mark.anyio
 

@@ -19,11 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import app.api as app_api
-from app.cache import OPERATIONS, CacheKeyParts, cache_key
-from app.config import Settings
-from app.context import Personalization, Task
-from app.metrics import CACHE_OUTCOMES, STAGES
+import app.http.routes as app_api
+from app.core.context import Personalization, Task
+from app.serving.cache import OPERATIONS, CacheKeyParts, cache_key
+from app.serving.config import Settings
+from app.serving.metrics import CACHE_OUTCOMES, STAGES
 
 pytestmark = pytest.mark.anyio
 
@@ -65,7 +65,7 @@ async def test_metric_label_values_stay_bounded_enums_whatever_the_traffic(
     from prometheus_client.parser import text_string_to_metric_families
 
     async with running_app(settings_for(admin_token=TOKEN)) as (app, client):
-        service = app.state.service
+        service = app.state.served.models
         video = str(service.model.bundle.catalogue.entity_id[0])
         await _distinctive_traffic(client, video)
         text = (await client.get("/metrics")).text
@@ -112,7 +112,7 @@ async def test_logs_carry_no_user_id_and_no_query_text_unless_log_queries_is_on(
     caplog.set_level(logging.DEBUG)  # every logger, every level
     settings = settings_for(log_queries=log_queries, log_level="DEBUG", admin_token=TOKEN)
     async with running_app(settings) as (app, client):
-        video = str(app.state.service.model.bundle.catalogue.entity_id[0])
+        video = str(app.state.served.models.model.bundle.catalogue.entity_id[0])
         await _distinctive_traffic(client, video, odd_path=False)
     lines = [
         json.dumps({**r.__dict__, "message": r.getMessage()}, default=str) for r in caplog.records

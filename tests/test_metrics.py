@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.metrics import LATENCY_BUCKETS, ServiceMetrics
+from app.serving.metrics import LATENCY_BUCKETS, ServiceMetrics
 
 CONTRACT = {
     "unicorn_rank_latency_seconds": ("histogram", {"task", "personalization", "cache"}),
@@ -61,14 +61,17 @@ def test_multiprocess_mode_adds_up_every_worker(tmp_path: Path) -> None:
     """Two 'workers' (processes) write to one PROMETHEUS_MULTIPROC_DIR; a third renders."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     worker = (
-        "from app.metrics import ServiceMetrics\n"
+        "from app.serving.metrics import ServiceMetrics\n"
         "m = ServiceMetrics()\n"
         "m.responses.labels('/rank', '200').inc(3)\n"
         "m.in_flight.inc()\n"
     )
     for _ in range(2):
         subprocess.run([sys.executable, "-c", worker], env=env, check=True, timeout=60)
-    render = "from app.metrics import ServiceMetrics\nprint(ServiceMetrics().render()[0].decode())"
+    render = (
+        "from app.serving.metrics import ServiceMetrics\n"
+        "print(ServiceMetrics().render()[0].decode())"
+    )
     text = subprocess.run(
         [sys.executable, "-c", render], env=env, check=True, capture_output=True, text=True,
         timeout=60,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.engagement_log import EngagementLog
-from app.features import INPUT_NAMES
+from app.core.features import INPUT_NAMES
 from model_export.dataset import FeaturisedRows
+from model_export.engagement_log import EngagementLog
 from model_export.model import CrossLayer, ModelConfig, ResidualBlock, UniCoRn, UniCoRnScorer
 from model_export.pretrain import fit_clusters, train_item_vectors
 from model_export.train import (

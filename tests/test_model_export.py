@@ -1,6 +1,6 @@
 """From engagement log to a verified bundle: featurised training rows, ONNX export with
 its parity gate, the bundle builder's manifest, loading without torch, and the refusal of
-damaged bundles (model_export.dataset / export / bundle_builder / evaluate, app.bundle).
+damaged bundles (model_export.dataset / export / bundle_builder / evaluate, app.core.bundle).
 
 The end-to-end bundle is the session's ``tiny_bundle`` (tests/conftest.py); the export
 and parity tests train their own small model, because they need the PyTorch side too.
@@ -21,7 +21,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from app.bundle import (
+from app.core.bundle import (
     BUNDLE_FILES,
     CATALOGUE_FILE,
     FORMAT_VERSION,
@@ -33,14 +33,13 @@ from app.bundle import (
     verify_bundle,
     write_manifest,
 )
-from app.catalogue import Catalogue
-from app.context import Personalization, impute_context
-from app.engagement_log import TASKS
-from app.errors import BundleError
-from app.features import DENSE_FEATURES, INPUT_NAMES
-from app.ranking import Ranker, RankQuery
-from app.retrieval import CandidateRetriever
-from app.scoring import OUTPUT_NAME, OnnxScorer, ScorerOptions
+from app.core.catalogue import Catalogue
+from app.core.context import TASKS, Personalization, impute_context
+from app.core.errors import BundleError
+from app.core.features import DENSE_FEATURES, INPUT_NAMES
+from app.core.ranking import Ranker, RankQuery
+from app.core.retrieval import CandidateRetriever
+from app.core.scoring import OUTPUT_NAME, OnnxScorer, ScorerOptions
 from model_export import evaluate
 from model_export.bundle_builder import parity_samples
 from model_export.dataset import featurise, impression_groups
@@ -346,7 +345,7 @@ def test_ranker_breaks_ties_by_entity_index_whatever_the_input_order(tiny_bundle
 def test_loading_a_bundle_never_imports_torch(tiny_bundle: Path) -> None:
     code = (
         "import sys\n"
-        "from app.bundle import load_bundle\n"
+        "from app.core.bundle import load_bundle\n"
         f"bundle = load_bundle({str(tiny_bundle)!r})\n"
         "leaked = sorted({m.split('.')[0] for m in sys.modules} & "
         "{'torch', 'model_export', 'onnx'})\n"

@@ -29,7 +29,7 @@ import yaml
 from conftest import ADMIN_TOKEN, LiveServer, free_port
 from test_ops_static import PROMETHEUS_CONFIG, RULES, dashboard_queries, load_dashboard
 
-from app.config import Settings
+from app.serving.config import Settings
 from loadtest.processes import RedisServer
 
 pytestmark = pytest.mark.integration

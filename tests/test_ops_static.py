@@ -26,8 +26,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from app.config import ENV_PREFIX, Settings
-from app.metrics import ServiceMetrics
+from app.serving.config import ENV_PREFIX, Settings
+from app.serving.metrics import ServiceMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -101,7 +101,9 @@ def settings_from_env(env: dict[str, Any]) -> Settings:
     for key, value in env.items():
         assert key.startswith(ENV_PREFIX), f"{key} is not a UNICORN_ setting"
         field = key.removeprefix(ENV_PREFIX).lower()
-        assert field in Settings.model_fields, f"{key} is not a field of app.config.Settings"
+        assert field in Settings.model_fields, (
+            f"{key} is not a field of app.serving.config.Settings"
+        )
         values[field] = value
     return Settings(**values)
 

@@ -13,9 +13,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.context import (
+from app.core.context import (
     MAX_QUERY_CHARS,
     NULL_SOURCE,
+    TASKS,
     UNKNOWN_COUNTRY,
     UNKNOWN_USER,
     Context,
@@ -24,9 +25,8 @@ from app.context import (
     impute_context,
     normalise_query,
 )
-from app.engagement_log import TASKS
-from app.features import DENSE_FEATURES, INPUT_NAMES, MAX_QUERY_TOKENS, FeatureBuilder
-from app.retrieval import CandidateRetriever
+from app.core.features import DENSE_FEATURES, INPUT_NAMES, MAX_QUERY_TOKENS, FeatureBuilder
+from app.core.retrieval import CandidateRetriever
 
 SETTINGS = settings(max_examples=150, deadline=None)
 COL = {name: i for i, name in enumerate(DENSE_FEATURES)}

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.bundle import load_bundle
-from app.context import Personalization
-from app.features import COL, DENSE_FEATURES
-from app.ranking import Ranker, RankQuery
+from app.core.bundle import load_bundle
+from app.core.context import Personalization
+from app.core.features import COL, DENSE_FEATURES
+from app.core.ranking import Ranker, RankQuery
 from model_export import evaluate
 from model_export.bundle_builder import baseline_systems, model_systems
 from model_export.dataset import FeaturisedRows

@@ -16,11 +16,11 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.bundle import load_bundle
-from app.context import Personalization, Task
-from app.errors import InvalidRequest, NotFound
-from app.ranking import Ranker, RankQuery, ranking_key
-from app.schemas import K_MAX, MAX_COUNTRY_CHARS, MAX_ID_CHARS
+from app.core.bundle import load_bundle
+from app.core.context import Personalization, Task
+from app.core.errors import InvalidRequest, NotFound
+from app.core.ranking import Ranker, RankQuery, ranking_key
+from app.http.schemas import K_MAX, MAX_COUNTRY_CHARS, MAX_ID_CHARS
 
 SETTINGS = settings(max_examples=80, deadline=None)
 TRICKY = "aZ _-.'ßﬁＡéé\u0301İΣς\u00a0\u3000\t\n🚀東\x00\ufeff"

@@ -1,4 +1,4 @@
-"""Candidate retrieval (app.retrieval) on the hand-built world of ``hand_world``."""
+"""Candidate retrieval (app.core.retrieval) on the hand-built world of ``hand_world``."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import hand_world
 import numpy as np
 import pytest
 
-from app.catalogue import Catalogue
-from app.context import Personalization, impute_context
-from app.engagement_log import TASKS
-from app.features import COL, FeatureBuilder
-from app.retrieval import CandidateRetriever
-from app.text_index import TextIndex
+from app.core.catalogue import Catalogue
+from app.core.context import TASKS, Personalization, impute_context
+from app.core.features import COL, FeatureBuilder
+from app.core.retrieval import CandidateRetriever
+from app.core.text_index import TextIndex
 
 
 @pytest.fixture(scope="module")

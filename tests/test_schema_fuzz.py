@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from app.config import Settings
+from app.serving.config import Settings
 
 pytestmark = pytest.mark.integration
 

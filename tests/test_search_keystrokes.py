@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.bundle import Bundle
-from app.config import Settings
+from app.core.bundle import Bundle
+from app.serving.config import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -50,7 +50,7 @@ async def test_a_title_enters_the_top_10_by_its_distinctive_prefix(
 ) -> None:
     settings = Settings(bundle=tiny_bundle, cache_enabled=False)
     async with running_app(settings) as (app, client):
-        bundle: Bundle = app.state.service.model.bundle
+        bundle: Bundle = app.state.served.models.model.bundle
         rankable_names = bundle.text.names[bundle.catalogue.rankable]
         for index in titles_to_type(bundle):
             name = str(bundle.text.names[index])

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.config import Settings
+from app.serving.config import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -204,7 +204,7 @@ def _start_process(
     env["UNICORN_LOG_LEVEL"] = "WARNING"
     env.update(extra_env or {})
     return subprocess.Popen(
-        [sys.executable, "-m", "app.server", "--port", str(port), *args],
+        [sys.executable, "-m", "app.http.server", "--port", str(port), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 

@@ -13,9 +13,9 @@ from dataclasses import fields, replace
 import numpy as np
 import pytest
 
-from app.catalogue import Catalogue
-from app.context import impute_context, normalise_query, tokenize
-from app.engagement_log import TASKS, EngagementLog
+from app.core.catalogue import Catalogue
+from app.core.context import TASKS, impute_context, normalise_query, tokenize
+from model_export.engagement_log import EngagementLog
 from model_export.synthetic import (
     COUNTRY_CODES,
     KEYSTROKE_GAP_S,

@@ -1,4 +1,4 @@
-"""The name index (app.text_index): token prefix ranges, postings, idf, trigrams,
+"""The name index (app.core.text_index): token prefix ranges, postings, idf, trigrams,
 persistence."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from rapidfuzz.distance import OSA
 
-from app.catalogue import COLUMNS as CATALOGUE_COLUMNS
-from app.catalogue import Catalogue
-from app.context import normalise_query, tokenize
-from app.tables import TableError, save_table
-from app.text_index import (
+from app.core.catalogue import COLUMNS as CATALOGUE_COLUMNS
+from app.core.catalogue import Catalogue
+from app.core.context import normalise_query, tokenize
+from app.core.tables import TableError, save_table
+from app.core.text_index import (
     MAX_NAME_TRIGRAMS,
     TRIGRAM_BUCKETS,
     TextIndex,

@@ -24,9 +24,9 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import OSA
 
-from app.catalogue import Catalogue
-from app.context import normalise_query, tokenize
-from app.tables import load_table, save_table
+from app.core.catalogue import Catalogue
+from app.core.context import normalise_query, tokenize
+from app.core.tables import load_table, save_table
 
 TRIGRAM_BUCKETS = 1 << 18
 # Word-anchored trigrams of MovieLens ml-latest-small names (9.7k): median 13, 99.9th

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.tables import TableError, load_table, save_table
+from app.core.tables import TableError, load_table, save_table
 
 RANKABLE_TYPES: tuple[str, ...] = ("video", "game")
 COLUMNS: tuple[str, ...] = (
@@ -121,7 +121,7 @@ class Catalogue:
 
     def name_of(self, entity_id: str) -> str | None:
         """Display name of ``entity_id``, ``None`` when unknown (the ``source_name`` that
-        ``app.context.impute_context`` takes)."""
+        ``app.core.context.impute_context`` takes)."""
         i = self.index.get(entity_id)
         return None if i is None else str(self.display_name[i])
 

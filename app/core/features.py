@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.catalogue import Catalogue
-from app.context import NULL_SOURCE, Context, Personalization, Task, tokenize
-from app.feature_tables import FeatureTables, country_rows
-from app.text_index import TextIndex, query_trigrams, stable_hash
+from app.core.catalogue import Catalogue
+from app.core.context import NULL_SOURCE, Context, Personalization, Task, tokenize
+from app.core.feature_tables import FeatureTables, country_rows
+from app.core.text_index import TextIndex, query_trigrams, stable_hash
 
 MAX_QUERY_TOKENS = 8
 TOKEN_BUCKETS = 1 << 15
@@ -204,9 +204,7 @@ class FeatureBuilder:
             dtype=np.float32,
         )
         trigrams = (
-            query_trigrams(ctx.query, prefix=search)
-            if ctx.query
-            else np.zeros(0, dtype=np.int64)
+            query_trigrams(ctx.query, prefix=search) if ctx.query else np.zeros(0, dtype=np.int64)
         )
         # Once per request over the inverted index (every name at once): retrieval ranks by
         # it and the candidates' feature reads it, instead of an (N x 96) membership test.
@@ -265,9 +263,9 @@ class FeatureBuilder:
             # the other candidates (BLAS blocking changes the rounding with the batch).
             dense[:, COL["user_item_dot"]] = (item_vec * cf.user_vec[0]).sum(axis=1)
         if cf.genre_lift is not None:
-            dense[:, COL["user_genre_affinity"]] = (
-                self.genres[cand] * cf.genre_lift[None, :]
-            ).sum(axis=1) / self.n_genres_of[cand]
+            dense[:, COL["user_genre_affinity"]] = (self.genres[cand] * cf.genre_lift[None, :]).sum(
+                axis=1
+            ) / self.n_genres_of[cand]
         return {
             "ctx_cat": cf.ctx_cat,
             "ctx_source": cf.ctx_source,

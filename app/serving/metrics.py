@@ -170,7 +170,7 @@ def sweep_dead_workers(directory: Path) -> list[int]:
     """Drop the live gauges of workers that died without shutting down (SIGKILL, OOM
     kill); returns their pids.
 
-    A worker that exits cleanly drops its own (``RankingService.close``), but uvicorn's
+    A worker that exits cleanly drops its own (the app's lifespan), but uvicorn's
     supervisor replaces a killed worker without doing so, and its last values (e.g. a
     request in flight) would stay in the ``livesum``/``livemax`` gauges forever. Counters
     and histograms of a dead worker are kept: what it counted did happen. A pid reused

@@ -2,7 +2,7 @@
 default, uvloop with ``--event-loop uvloop``).
 
     unicorn serve --bundle bundles/demo --port 8000 --workers 2 --redis-url redis://...
-    python -m app.server --bundle bundles/demo          # the same without the CLI
+    python -m app.http.server --bundle bundles/demo          # the same without the CLI
 
 The CLI (``model_export/cli.py``) calls ``add_serve_arguments(parser)`` and then
 ``serve_from_args(args)``, which is ``run(settings_from_args(args))``. Every option
@@ -29,12 +29,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from app.config import Settings
+from app.serving.config import Settings
 
-DEFAULT_FACTORY = "app.main:create_app"
+DEFAULT_FACTORY = "app.http.main:create_app"
 # With several workers uvicorn imports this in each (spawned) worker; it reads the real
 # factory from this variable, which ``run`` sets.
-WORKER_ENTRY = "app.server:create_worker_app"
+WORKER_ENTRY = "app.http.server:create_worker_app"
 WORKER_FACTORY_ENV = "UNICORN_SERVE_FACTORY"
 # (flag, settings field, type, help); booleans are store_true flags.
 SERVE_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
@@ -76,7 +76,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _prepare_multiprocess_metrics(settings: Settings) -> Path:
-    from app.metrics import MULTIPROC_ENV
+    from app.serving.metrics import MULTIPROC_ENV
 
     directory = settings.metrics_dir or Path(tempfile.mkdtemp(prefix="unicorn-metrics-"))
     directory.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def create_worker_app() -> Any:
     worker does not inherit (without it, access lines and every INFO line were lost)."""
     from uvicorn.importer import import_from_string
 
-    from app.access_log import configure_logging
+    from app.http.access_log import configure_logging
 
     settings = Settings()
     configure_logging(settings.log_level)
@@ -102,8 +102,8 @@ def create_worker_app() -> Any:
 def bundle_refusal(settings: Settings) -> str | None:
     """Load and warm the configured bundle as a worker would: why it is refused, or
     ``None`` when it serves."""
-    from app.errors import BundleError
-    from app.service import load_serving_model
+    from app.core.errors import BundleError
+    from app.serving.model_holder import load_serving_model
 
     try:
         load_serving_model(settings.bundle, settings)
@@ -133,7 +133,7 @@ def run(
     the same stack with an extra route; ``http`` exists to measure what httptools buys
     (``auto`` is used when it is not installed). The event loop is ``settings.event_loop``.
     """
-    # One BLAS thread per process, set before numpy is first imported (app.bundle below):
+    # One BLAS thread per process, set before numpy is first imported (app.core.bundle below):
     # with a pool per worker, a mat-vec over a 100k-entity catalogue fought the event loop
     # for the cores (1M-user world, more_like_this miss p99 27.8 ms -> 6.1 ms; BENCHMARKS.md).
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -141,9 +141,9 @@ def run(
     import uvicorn
     from uvicorn.importer import import_from_string
 
-    from app.access_log import configure_logging
-    from app.bundle import verify_bundle
-    from app.errors import BundleError
+    from app.core.bundle import verify_bundle
+    from app.core.errors import BundleError
+    from app.http.access_log import configure_logging
 
     configure_logging(settings.log_level)
     try:
@@ -156,7 +156,7 @@ def run(
         "loop": settings.event_loop if _importable(settings.event_loop) else "auto",
         "http": http if http == "h11" or _importable(http) else "auto",
         "log_config": None,  # keep the JSON logging configured above
-        "access_log": False,  # app.access_log writes structured access lines
+        "access_log": False,  # app.http.access_log writes structured access lines
         "lifespan": "on",
         "timeout_graceful_shutdown": 10,
     }
@@ -202,7 +202,7 @@ def _importable(module: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m app.server",
+        prog="python -m app.http.server",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -28,7 +28,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from app.errors import Overloaded
+from app.core.errors import Overloaded
 
 WINDOW_S = 0.05  # the fair-share window
 TARGET_SHARE = 0.5  # scoring's share of the loop below which slots are added

@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from app.catalogue import Catalogue
-from app.errors import BundleError
-from app.feature_tables import FeatureTables
-from app.features import DENSE_FEATURES, INPUT_NAMES, FeatureBuilder
-from app.retrieval import CandidateRetriever
-from app.scoring import OUTPUT_NAME, OnnxScorer, ScorerOptions
-from app.tables import TableError
-from app.text_index import TextIndex
+from app.core.catalogue import Catalogue
+from app.core.errors import BundleError
+from app.core.feature_tables import FeatureTables
+from app.core.features import DENSE_FEATURES, INPUT_NAMES, FeatureBuilder
+from app.core.retrieval import CandidateRetriever
+from app.core.scoring import OUTPUT_NAME, OnnxScorer, ScorerOptions
+from app.core.tables import TableError
+from app.core.text_index import TextIndex
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -163,7 +163,7 @@ def load_bundle(bundle_dir: Path | str, options: ScorerOptions | None = None) ->
 
 def _warm(bundle: Bundle) -> None:
     """One real inference through every stage, so a broken model fails here, not live."""
-    from app.context import Personalization, impute_context
+    from app.core.context import Personalization, impute_context
 
     first = (
         int(np.flatnonzero(bundle.catalogue.rankable)[0]) if bundle.catalogue.rankable.any() else 0

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.metrics import ServiceMetrics
+from app.serving.metrics import ServiceMetrics
 
 ACCESS_LOGGER = "unicorn.access"
 REQUEST_ID_HEADER = "x-request-id"
@@ -65,6 +65,27 @@ def hash_user(user_id: str | None, key: bytes) -> str | None:
     if not user_id:
         return None
     return hashlib.blake2b(user_id.encode("utf-8", "replace"), key=key, digest_size=8).hexdigest()
+
+
+def describe_rank(
+    record: AccessRecord,
+    task: str,
+    personalization: str,
+    model_version: str,
+    user: str | None,
+    query: str | None,
+    log_query: bool,
+) -> None:
+    """The ranking fields of a ``/rank`` line: ``user`` already hashed, the query's length,
+    and its text only when ``log_query``."""
+    record.task = task
+    record.personalization = personalization
+    record.model_version = model_version
+    record.user = user
+    if query is not None:
+        record.query_chars = len(query)
+        if log_query:
+            record.query = query
 
 
 def access_record(scope: Scope) -> AccessRecord | None:

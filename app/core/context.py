@@ -19,8 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from app.engagement_log import TASKS
-
 NULL_SOURCE = "<null_source>"
 UNKNOWN_USER = "<unknown_user>"
 UNKNOWN_COUNTRY = "<unknown_country>"
@@ -42,7 +40,7 @@ class Personalization(StrEnum):
     FULL = "full"
 
 
-assert tuple(t.value for t in Task) == TASKS  # one list of tasks, checked at import
+TASKS: tuple[str, ...] = tuple(t.value for t in Task)  # the one list of tasks
 
 
 def normalise_query(text: str | None) -> str:

@@ -1,26 +1,34 @@
 """The FastAPI application: ``create_app(settings)`` builds it, its lifespan loads the model
 and opens the cache, and closes both. Nothing heavy happens at import time.
 
-Run it with ``unicorn serve`` (see ``app.server``), or any ASGI server:
-``uvicorn --factory app.main:create_app`` (settings from ``UNICORN_*`` variables).
+Run it with ``unicorn serve`` (see ``app.http.server``), or any ASGI server:
+``uvicorn --factory app.http.main:create_app`` (settings from ``UNICORN_*`` variables).
+
+The lifespan builds the serving parts (``app.http.deps.Served``): the model holder
+(``app.serving.model_holder``) and the ranking pipeline with its cache
+(``app.serving.pipeline``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 
-from app.access_log import AccessLogMiddleware
-from app.api import ROUTE_PATHS, api_router, install_error_handlers
-from app.body_limit import BodySizeLimitMiddleware
-from app.config import Settings
-from app.errors import BundleError
-from app.metrics import ServiceMetrics
-from app.service import RankingService, open_cache
+from app.core.errors import BundleError
+from app.http.access_log import AccessLogMiddleware
+from app.http.body_limit import BodySizeLimitMiddleware
+from app.http.deps import Served
+from app.http.error_handlers import install_error_handlers
+from app.http.routes import ROUTE_PATHS, api_router
+from app.serving.config import Settings
+from app.serving.metrics import ServiceMetrics
+from app.serving.model_holder import ModelHolder
+from app.serving.pipeline import RankingPipeline, open_cache
 
 logger = logging.getLogger("unicorn.main")
 
@@ -54,6 +62,13 @@ async def _warm_routes(app: FastAPI) -> None:
         logger.debug("route warm-up failed: %s", exc)
 
 
+async def _close(served: Served) -> None:
+    served.stopping = True  # /readyz answers 503 from here on
+    await served.models.close()
+    await served.pipeline.close()
+    ServiceMetrics.mark_process_dead(os.getpid())
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The ranking app for ``settings`` (default: from the environment)."""
     settings = settings or Settings()
@@ -61,21 +76,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = RankingService(settings, metrics, open_cache(settings, metrics))
+        models = ModelHolder(settings, metrics)
+        pipeline = RankingPipeline(settings, metrics, models, open_cache(settings, metrics))
+        served = Served(settings, metrics, models, pipeline)
         try:
-            await service.start()
+            await models.start()
         except BundleError as exc:
-            await service.close()
+            await _close(served)
             logger.critical("cannot start: bundle %s is refused: %s", settings.bundle, exc.message)
             raise StartupError(
                 f"cannot start: bundle {settings.bundle} is refused: {exc.message}"
             ) from None
-        app.state.service = service
+        logger.info("cache: %s", settings.cache_backend)
+        app.state.served = served
         await _warm_routes(app)
         try:
             yield
         finally:
-            await service.close()
+            await _close(served)
 
     app = FastAPI(
         title="UniCoRn ranking service",
@@ -86,7 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.service = None  # set by the lifespan once the model is loaded
+    app.state.served = None  # set by the lifespan once the model is loaded
     app.include_router(api_router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)

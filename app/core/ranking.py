@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.bundle import Bundle
-from app.context import Context, Personalization, Task, impute_context
-from app.errors import InvalidRequest, NotFound
-from app.features import COL, TASK_IDS, ContextFeatures
-from app.text_index import TRIGRAM_MATCH
+from app.core.bundle import Bundle
+from app.core.context import Context, Personalization, Task, impute_context
+from app.core.errors import InvalidRequest, NotFound
+from app.core.features import COL, TASK_IDS, ContextFeatures
+from app.core.text_index import TRIGRAM_MATCH
 
 Scorer = Callable[[dict[str, np.ndarray]], np.ndarray]
 

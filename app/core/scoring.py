@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from app.errors import BundleError
+from app.core.errors import BundleError
 
 OUTPUT_NAME = "probability"
 

@@ -1,5 +1,5 @@
 """Wire schemas of the HTTP API (pydantic), separate from the internal types in
-``app.ranking``. Everything here holds plain JSON types: numpy never reaches a response.
+``app.core.ranking``. Everything here holds plain JSON types: numpy never reaches a response.
 
 Unknown fields in a request body are REJECTED (422 naming the field): a misspelled
 optional field (``candidate``, ``personalisation``) would otherwise be ignored silently
@@ -13,28 +13,25 @@ rules (tasks, k in 1..200, personalization levels) are static.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
     ValidationInfo,
     field_validator,
 )
 
-from app.config import CacheBackend
-from app.context import Personalization, Task
+from app.core.context import Personalization, Task
+from app.core.errors import MalformedRequest
+from app.core.ranking import RankQuery
+from app.serving.cache import CacheOutcome
+from app.serving.config import CacheBackend
 
-TaskName = Literal["search", "prequery", "more_like_this", "entity"]
-PersonalizationName = Literal["none", "cluster", "full"]
-CacheOutcomeName = Literal["hit", "miss", "bypass"]
 CacheState = Literal["ok", "degraded", "off"]
-if get_args(TaskName) != tuple(t.value for t in Task) or get_args(PersonalizationName) != tuple(
-    p.value for p in Personalization
-):
-    raise ImportError("app.schemas is out of step with app.context (tasks or levels)")
 
 K_MIN, K_MAX, K_DEFAULT = 1, 200, 20
 MAX_ID_CHARS = 128
@@ -77,7 +74,7 @@ class RankRequest(BaseModel):
         },
     )
 
-    task: TaskName = Field(description="Product surface.")
+    task: Task = Field(description="Product surface.")
     user_id: str | None = Field(
         default=None,
         max_length=MAX_ID_CHARS,
@@ -106,8 +103,8 @@ class RankRequest(BaseModel):
     k: int = Field(
         default=K_DEFAULT, ge=K_MIN, le=K_MAX, strict=True, description="Items to return."
     )
-    personalization: PersonalizationName = Field(
-        default="cluster",
+    personalization: Personalization = Field(
+        default=Personalization.CLUSTER,
         description="none | cluster (shared, cached) | full (per user, not cached).",
     )
 
@@ -127,6 +124,33 @@ class RankRequest(BaseModel):
             raise ValueError(f"candidates must hold at most {limit} ids, got {len(value)}")
         return value
 
+    def to_query(self) -> RankQuery:
+        return RankQuery(
+            task=self.task.value,
+            user_id=self.user_id,
+            query=self.query,
+            country=self.country,
+            source_entity_id=self.source_entity_id,
+            candidates=None if self.candidates is None else tuple(self.candidates),
+            k=self.k,
+            personalization=self.personalization,
+        )
+
+
+def parse_rank_request(body: bytes, limits: RankLimits) -> RankRequest:
+    """Validate a raw ``/rank`` body (pydantic's JSON parser, with the limits); a body that
+    is not JSON is a 400 ``MalformedRequest``, a rule broken a 422 ``ValidationError``."""
+    try:
+        return RankRequest.model_validate_json(body, context=limits)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if errors and errors[0]["type"] == "json_invalid":
+            detail = errors[0].get("ctx", {}).get("error") or errors[0]["msg"]
+            raise MalformedRequest(
+                f"request body must be a JSON object ({detail})", field="body"
+            ) from None
+        raise
+
 
 class RankedItemOut(BaseModel):
     entity_id: str
@@ -138,7 +162,7 @@ class RankedItemOut(BaseModel):
 class ContextOut(BaseModel):
     """The context after imputation: what the model actually saw."""
 
-    task: TaskName
+    task: Task
     user_id: str
     query: str
     country: str
@@ -148,10 +172,10 @@ class ContextOut(BaseModel):
 
 class RankResponse(BaseModel):
     items: list[RankedItemOut]
-    task: TaskName
+    task: Task
     model_version: str
-    personalization: PersonalizationName
-    cache: CacheOutcomeName
+    personalization: Personalization
+    cache: CacheOutcome
     context: ContextOut
     unknown_candidates: list[str]
 

@@ -1,5 +1,5 @@
 """Domain errors: a small hierarchy, each with an HTTP status and a message that names the
-field and the rule. Mapped to responses in one handler (``app.api``); services raise these,
+field and the rule. Mapped to responses in one handler (``app.http.routes``); services raise these,
 never ``HTTPException``."""
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from __future__ import annotations
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import PayloadTooLarge
-from app.schemas import error_body
+from app.core.errors import PayloadTooLarge
+from app.http.schemas import error_body
 
 
 class BodySizeLimitMiddleware:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.context import Task
-from app.features import ContextFeatures, FeatureBuilder
-from app.text_index import TRIGRAM_MATCH
+from app.core.context import Task
+from app.core.features import ContextFeatures, FeatureBuilder
+from app.core.text_index import TRIGRAM_MATCH
 
 NEIGHBOURS_FROM_VECTORS = 100
 # Prequery blend, chosen by the positive-retrieved rate on the synthetic test split

@@ -6,7 +6,7 @@ until ``max_rows`` candidate rows are reached; then ONE onnxruntime run scores t
 and each caller gets its own slice of the scores, or the exception of the run.
 
 Each request's inputs hold its context once, shape ``(1, ...)``, which the model
-broadcasts over that request's ``N`` candidates (see ``app.features``). Requests with
+broadcasts over that request's ``N`` candidates (see ``app.core.features``). Requests with
 different contexts are concatenated by repeating each request's context rows to its
 candidate count, so the batched inputs have one context row per candidate, exactly the
 layout the model is trained on.
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.features import INPUT_NAMES
+from app.core.features import INPUT_NAMES
 
 logger = logging.getLogger("unicorn.batching")
 

@@ -2,7 +2,7 @@
 
 Every task writes the same columns, so one model trains on engagements pooled from all
 tasks. Context columns hold the RAW request values: an absent value is the empty string,
-and ``app.context.impute_context`` turns it into the paper's explicit tokens, in training
+and ``app.core.context.impute_context`` turns it into the paper's explicit tokens, in training
 exactly as in serving.
 
 Columns (all numpy arrays of equal length):
@@ -28,9 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from app.tables import TableError, load_table, save_table
-
-TASKS: tuple[str, ...] = ("search", "prequery", "more_like_this", "entity")
+from app.core.context import TASKS
+from app.core.tables import TableError, load_table, save_table
 
 
 @dataclass(frozen=True)

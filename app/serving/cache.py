@@ -27,8 +27,8 @@ from typing import ClassVar, Literal
 
 import orjson
 
-from app.context import Personalization
-from app.metrics import ServiceMetrics
+from app.core.context import Personalization
+from app.serving.metrics import ServiceMetrics
 
 logger = logging.getLogger("unicorn.cache")
 

@@ -1,0 +1,220 @@
+"""HTTP routes, one router per concern, assembled in ``api_router``; dependencies in
+``app.http.deps``; every error mapped to ``{"error": {code, message, field}}`` by
+``app.http.error_handlers``.
+
+Routes: ``POST /rank``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics``,
+``POST /admin/reload``, ``GET /catalogue/sample``. OpenAPI at ``/docs``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from app.core.errors import Forbidden, NotFound, Unauthorized
+from app.http.access_log import access_record, describe_rank, hash_user
+from app.http.deps import ServedDep, served_or_none
+from app.http.sampling import sample_catalogue
+from app.http.schemas import (
+    SAMPLE_MAX,
+    CacheState,
+    CatalogueSample,
+    ErrorResponse,
+    Health,
+    RankRequest,
+    RankResponse,
+    Ready,
+    ReloadRequest,
+    ReloadResponse,
+    parse_rank_request,
+)
+from app.serving.pipeline import RankOutcome
+
+JSON = "application/json"
+
+
+class JsonResponse(JSONResponse):
+    """JSON rendered by orjson; numpy values are refused, never silently converted.
+
+    A ``JSONResponse`` subclass so that FastAPI documents a route's 200 body by its
+    ``responses`` model; a plain ``Response`` subclass is documented as ``{"type":
+    "string"}`` next to the model's ``$ref``, a schema no JSON object satisfies."""
+
+    media_type = JSON
+
+    def render(self, content: Any) -> bytes:
+        return content if isinstance(content, bytes) else orjson.dumps(content)
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+# --- ranking ------------------------------------------------------------------------------
+ranking_router = APIRouter(tags=["ranking"])
+
+
+# The body is parsed by ``parse_rank_request``, not by FastAPI, so its schema is given here;
+# the enums it refers to (Task, Personalization) are components through ``RankResponse``.
+RANK_REQUEST_SCHEMA = {
+    k: v
+    for k, v in RankRequest.model_json_schema(ref_template="#/components/schemas/{model}").items()
+    if k != "$defs"
+}
+
+
+def rank_body(outcome: RankOutcome) -> bytes:
+    """The JSON of a ``/rank`` answer (``RankResponse``), rendered once by orjson."""
+    return orjson.dumps(
+        {
+            "items": outcome.items,
+            "task": outcome.context.task.value,
+            "model_version": outcome.model_version,
+            "personalization": outcome.personalization.value,
+            "cache": outcome.cache,
+            "context": outcome.context.as_dict(),
+            "unknown_candidates": outcome.unknown_candidates,
+        }
+    )
+
+
+@ranking_router.post(
+    "/rank",
+    response_class=JsonResponse,
+    responses={200: {"model": RankResponse}, **_errors(400, 404, 413, 422, 503)},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {JSON: {"schema": RANK_REQUEST_SCHEMA}},
+        }
+    },
+)
+async def rank(request: Request, served: ServedDep) -> JsonResponse:
+    """Rank entities for one unified context (search, prequery, more_like_this, entity)."""
+    started = time.perf_counter()
+    req = parse_rank_request(await request.body(), served.limits)
+    model = served.models.current()
+    record = access_record(request.scope)
+    if record is not None:
+        describe_rank(
+            record,
+            req.task.value,
+            req.personalization.value,
+            model.model_version,
+            hash_user(req.user_id, served.user_key),
+            req.query,
+            served.settings.log_queries,
+        )
+    outcome = await served.pipeline.rank(req.to_query(), model, started)
+    if record is not None:
+        record.cache = outcome.cache
+        record.n_candidates = outcome.n_candidates
+    return JsonResponse(rank_body(outcome))
+
+
+# --- health -------------------------------------------------------------------------------
+health_router = APIRouter(tags=["health"])
+
+
+@health_router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """Liveness: the process answers."""
+    return Health(status="ok")
+
+
+@health_router.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})
+async def readyz(request: Request) -> JsonResponse:
+    """Readiness: 200 with the model version and cache state once a model serves and until
+    shutdown, else 503. The cache is probed, not assumed."""
+    served = served_or_none(request)
+    if served is None:
+        ready = Ready(status="not_ready", model_version=None, cache="off", cache_backend="off")
+    else:
+        model = served.models.model
+        probe = await served.pipeline.cache_ok()
+        cache: CacheState = "off" if probe is None else ("ok" if probe else "degraded")
+        ready = Ready(
+            status="ready" if model is not None and not served.stopping else "not_ready",
+            model_version=model.model_version if model else None,
+            cache=cache,
+            cache_backend=served.settings.cache_backend,
+        )
+    return JsonResponse(ready.model_dump(), status_code=200 if ready.status == "ready" else 503)
+
+
+# --- metrics ------------------------------------------------------------------------------
+metrics_router = APIRouter(tags=["metrics"])
+
+
+@metrics_router.get("/metrics", response_class=Response)
+async def metrics(served: ServedDep) -> Response:
+    """Prometheus exposition of the service metrics (all workers when multiprocess)."""
+    body, content_type = served.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+# --- admin --------------------------------------------------------------------------------
+admin_router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+async def require_admin(request: Request, served: ServedDep) -> None:
+    """Bearer-token check; the admin routes do not exist when no token is configured."""
+    token = served.settings.admin_token
+    if token is None:
+        raise NotFound("admin endpoints are disabled (UNICORN_ADMIN_TOKEN is not set)")
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        raise Unauthorized("Authorization header must be 'Bearer <token>'", field="authorization")
+    if not hmac.compare_digest(presented.strip().encode(), token.get_secret_value().encode()):
+        raise Forbidden("the admin token is not valid", field="authorization")
+
+
+AdminDep = Annotated[None, Depends(require_admin)]
+
+
+@admin_router.post(
+    "/reload", response_model=ReloadResponse, responses=_errors(400, 401, 403, 404, 409, 422)
+)
+async def reload(
+    _admin: AdminDep,
+    served: ServedDep,
+    body: Annotated[ReloadRequest | None, Body()] = None,
+) -> ReloadResponse:
+    """Load, verify and warm a bundle, then swap it in; a refused bundle (409) leaves the
+    running model serving."""
+    path = Path(body.bundle) if body is not None and body.bundle else None
+    done = await served.models.reload(path)
+    return ReloadResponse(
+        model_version=done.model_version,
+        previous_model_version=done.previous_model_version,
+        bundle=done.bundle,
+        seconds=done.seconds,
+    )
+
+
+# --- catalogue ----------------------------------------------------------------------------
+catalogue_router = APIRouter(prefix="/catalogue", tags=["catalogue"])
+
+
+@catalogue_router.get("/sample", response_model=CatalogueSample, responses=_errors(422))
+async def catalogue_sample(
+    served: ServedDep,
+    n: Annotated[int, Query(ge=1, le=SAMPLE_MAX, description="Items per list.")] = 100,
+    seed: Annotated[int, Query(ge=0, le=2**32 - 1, description="Draw seed.")] = 0,
+) -> CatalogueSample:
+    """Queries, video ids and page entity ids drawn from the served bundle (load tests)."""
+    return sample_catalogue(served.models.current(), n, seed)
+
+
+ROUTERS = (ranking_router, health_router, metrics_router, admin_router, catalogue_router)
+api_router = APIRouter()
+for _router in ROUTERS:
+    api_router.include_router(_router)
+# Route templates, for metric labels of responses that never reached routing (e.g. 413).
+ROUTE_PATHS = frozenset(getattr(r, "path", "") for router in ROUTERS for r in router.routes)

@@ -1,0 +1,234 @@
+"""The served model: load, warm-up, verified swap, reload (admin route or SIGHUP).
+
+A request takes ONE ``ServingModel`` snapshot at its start and uses only it, so a reload
+(an atomic swap of the snapshot) never yields a mixed-version response. A bundle is
+refused (``BundleError``; the running model keeps serving) when it fails verification
+(``app.core.bundle``), the warm-up through the whole ranking path, or, with
+micro-batching on, the check that batched and single requests score alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.core.bundle import Bundle, load_bundle
+from app.core.context import Personalization, Task
+from app.core.errors import BundleError, ModelUnavailable
+from app.core.ranking import Ranker, RankQuery
+from app.core.scoring import ScorerOptions
+from app.serving.batching import MicroBatcher, concatenate_requests
+from app.serving.config import Settings
+from app.serving.metrics import ServiceMetrics
+
+logger = logging.getLogger("unicorn.model")
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """One loaded model and everything bound to it; replaced whole on reload."""
+
+    bundle: Bundle
+    ranker: Ranker
+    batcher: MicroBatcher | None
+
+    @property
+    def model_version(self) -> str:
+        return self.bundle.model_version
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """What a successful reload swapped in."""
+
+    model_version: str
+    previous_model_version: str
+    bundle: str
+    seconds: float
+
+
+def warm_ranker(ranker: Ranker) -> None:
+    """Rank one request per task and level through the whole path (raises on failure)."""
+    catalogue = ranker.bundle.catalogue
+    rankable = np.flatnonzero(catalogue.rankable)
+    pages = np.flatnonzero(~catalogue.rankable)
+    queries: list[RankQuery] = [
+        RankQuery(task=Task.PREQUERY.value, personalization=level) for level in Personalization
+    ]
+    if len(rankable):
+        video = str(catalogue.entity_id[rankable[0]])
+        queries.append(RankQuery(task=Task.MORE_LIKE_THIS.value, source_entity_id=video))
+        names = ranker.bundle.text.names[rankable]
+        named = np.flatnonzero(np.strings.str_len(names) > 0)
+        if len(named):
+            name = str(names[named[0]])
+            queries.append(RankQuery(task=Task.SEARCH.value, query=name[:3]))
+            queries.append(
+                RankQuery(task=Task.SEARCH.value, query=name, candidates=(video, "<no such id>"))
+            )
+    if len(pages):
+        page = str(catalogue.entity_id[pages[0]])
+        queries.append(RankQuery(task=Task.ENTITY.value, source_entity_id=page))
+    for q in queries:
+        result = ranker.rank(q)
+        if not all(np.isfinite(item.score) for item in result.items):
+            raise BundleError(f"warm-up {q.task} request scored non-finite values", "bundle")
+
+
+def check_batched_scoring(ranker: Ranker, tolerance: float = 1e-5) -> None:
+    """The model must score requests concatenated by the micro-batcher (one context row
+    per candidate) exactly as it scores them one by one; refuse the bundle otherwise."""
+    queries = [
+        RankQuery(task=Task.PREQUERY.value, personalization=Personalization.NONE),
+        RankQuery(task=Task.PREQUERY.value, user_id="<warm-up>", k=5),
+    ]
+    inputs = [ranker.prepare(q).inputs for q in queries]
+    separate = np.concatenate([ranker.bundle.scorer.score(i) for i in inputs])
+    batched = ranker.bundle.scorer.score(concatenate_requests(inputs))
+    if batched.shape != separate.shape or not np.allclose(batched, separate, atol=tolerance):
+        raise BundleError(
+            f"{ranker.bundle.path}: model.onnx scores micro-batched requests differently from "
+            f"single requests; serve it with batch_window_ms=0",
+            field="bundle",
+        )
+
+
+def load_serving_model(path: Path, settings: Settings) -> tuple[Bundle, Ranker]:
+    """Verify, load and warm a bundle (blocking: run it in a worker thread)."""
+    options = ScorerOptions(
+        intra_op_threads=settings.ort_intra_op_threads,
+        inter_op_threads=settings.ort_inter_op_threads,
+    )
+    try:
+        bundle = load_bundle(path, options)
+        ranker = Ranker(bundle, max_retrieved=settings.max_retrieved)
+        warm_ranker(ranker)
+        if settings.batch_window_ms > 0:
+            check_batched_scoring(ranker)
+    except BundleError:
+        raise
+    except Exception as exc:  # a bundle that breaks the code path is a refused bundle
+        raise BundleError(
+            f"{path}: bundle failed warm-up ({type(exc).__name__}: {exc})", field="bundle"
+        ) from exc
+    return bundle, ranker
+
+
+class ModelHolder:
+    """Holds the current ``ServingModel``; one per app."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.model: ServingModel | None = None
+        self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._sighup_installed = False
+
+    def current(self) -> ServingModel:
+        """The snapshot a request uses from its start to its end."""
+        model = self.model
+        if model is None:
+            raise ModelUnavailable("no model is loaded yet", field=None)
+        return model
+
+    async def start(self) -> None:
+        """Load the configured bundle (raises ``BundleError``: the process must not serve)."""
+        bundle, ranker = await asyncio.to_thread(
+            load_serving_model, self.settings.bundle, self.settings
+        )
+        self._install(bundle, ranker)
+        logger.info("serving model %s from %s", bundle.model_version, bundle.path)
+        self._install_sighup()
+
+    async def close(self) -> None:
+        self._remove_sighup()
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self.model is not None and self.model.batcher is not None:
+            await self.model.batcher.close()
+
+    def _install(self, bundle: Bundle, ranker: Ranker) -> ServingModel | None:
+        """Atomically swap in a new snapshot; returns the previous one."""
+        batcher = None
+        if self.settings.batch_window_ms > 0:
+            batcher = MicroBatcher(
+                bundle.scorer.score,
+                window_s=self.settings.batch_window_ms / 1000.0,
+                max_rows=self.settings.max_batch_size,
+                on_batch=self._observe_batch,
+            )
+        previous = self.model
+        self.model = ServingModel(bundle, ranker, batcher)
+        self.metrics.set_model(bundle.model_version, previous.model_version if previous else None)
+        return previous
+
+    def _observe_batch(self, rows: int, _seconds: float) -> None:
+        self.metrics.inference_batch_size.observe(rows)
+
+    async def reload(self, path: Path | None = None) -> Reloaded:
+        """Load, verify and warm a bundle in a worker thread, then swap it in atomically.
+
+        A refused bundle raises ``BundleError`` (409) and the running model keeps serving.
+        """
+        target = Path(path) if path is not None else self.settings.bundle
+        async with self._reload_lock:
+            started = time.perf_counter()
+            try:
+                bundle, ranker = await asyncio.to_thread(load_serving_model, target, self.settings)
+            except BundleError as exc:
+                self.metrics.model_reloads.labels("refused").inc()
+                logger.error("model reload from %s refused: %s", target, exc.message)
+                raise
+            previous = self._install(bundle, ranker)
+            self.metrics.model_reloads.labels("ok").inc()
+            if previous is not None and previous.batcher is not None:
+                await previous.batcher.close()  # requests it holds finish on the old model
+            old_version = previous.model_version if previous else ""
+            logger.warning(
+                "model reloaded: %s -> %s from %s", old_version, bundle.model_version, target
+            )
+            return Reloaded(
+                model_version=bundle.model_version,
+                previous_model_version=old_version,
+                bundle=str(target),
+                seconds=round(time.perf_counter() - started, 3),
+            )
+
+    def _install_sighup(self) -> None:
+        """SIGHUP reloads the configured bundle (single-process serving; with several
+        workers uvicorn's supervisor restarts them on SIGHUP, which reloads it too)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+        except (NotImplementedError, RuntimeError, ValueError):
+            return
+        self._sighup_installed = True
+
+    def _remove_sighup(self) -> None:
+        if self._sighup_installed:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            self._sighup_installed = False
+
+    def _on_sighup(self) -> None:
+        logger.warning("SIGHUP: reloading %s", self.settings.bundle)
+        task = asyncio.get_running_loop().create_task(self._reload_quietly())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reload_quietly(self) -> None:
+        # A refused bundle is logged and counted by reload(); the old model keeps serving.
+        with contextlib.suppress(BundleError):
+            await self.reload(None)

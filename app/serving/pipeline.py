@@ -1,0 +1,222 @@
+"""The ranking pipeline behind ``POST /rank``: cache, admission, scoring.
+
+    snapshot (bundle, ranker) -> impute context -> cache key -> cache get
+      hit:  cached items + this request's own context        (no scoring, no admission)
+      miss/bypass: admission -> retrieve + features -> score -> top-k -> cache set (miss)
+
+The model version is part of the cache key, so a new model never serves the old model's
+entries. ``full`` personalization is never cached (its answers are per member).
+
+Inference runs inline on the event loop when micro-batching is off, or through
+``app.serving.batching`` when it is on; docs/BENCHMARKS.md measures both. Admission
+control (``app.serving.admission``) hands out scoring slots, first come, first served;
+a refusal is ``Overloaded`` (503 + ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from app.core.context import Context, Personalization
+from app.core.errors import Overloaded
+from app.core.ranking import RankQuery, RankResult
+from app.serving.admission import Admission
+from app.serving.batching import BatchClosed
+from app.serving.cache import (
+    BYPASS,
+    MISS,
+    CacheKeyParts,
+    CacheOutcome,
+    CacheRead,
+    ClusterCache,
+    InProcessCache,
+    RedisCache,
+    cache_key,
+)
+from app.serving.config import Settings
+from app.serving.metrics import ServiceMetrics
+from app.serving.model_holder import ModelHolder, ServingModel
+
+
+@dataclass(frozen=True)
+class RankOutcome:
+    """One answered ranking request; the HTTP layer renders it."""
+
+    items: list[dict[str, Any]]  # entity_id, score, name, entity_type: plain JSON values
+    context: Context
+    model_version: str
+    personalization: Personalization
+    cache: CacheOutcome
+    unknown_candidates: list[str]
+    n_candidates: int | None  # None on a cache hit (nothing was retrieved)
+
+
+def open_cache(settings: Settings, metrics: ServiceMetrics | None) -> ClusterCache | None:
+    """The cache the settings ask for: ``None`` (off), in-process, or Redis."""
+    if not settings.cache_enabled:
+        return None
+    if settings.redis_url:
+        return RedisCache(
+            settings.redis_url,
+            ttl_seconds=settings.cache_ttl_seconds,
+            timeout_seconds=settings.cache_timeout_ms / 1000.0,
+            retry_seconds=settings.cache_retry_seconds,
+            max_connections=settings.cache_max_connections,
+            metrics=metrics,
+        )
+    return InProcessCache(
+        settings.cache_max_entries,
+        settings.cache_ttl_seconds,
+        retry_seconds=settings.cache_retry_seconds,
+        metrics=metrics,
+    )
+
+
+class RankingPipeline:
+    """Cache, admission and scoring over the holder's current model; one per app."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        models: ModelHolder,
+        cache: ClusterCache | None,
+    ) -> None:
+        self.metrics = metrics
+        self.models = models
+        self.cache = cache
+        self.admission = Admission(
+            settings.max_in_flight,
+            settings.queue_timeout_ms / 1000.0,
+            adaptive=settings.batch_window_ms == 0,  # fair share is for inline scoring
+            on_slots=metrics.scoring_slots.set,
+        )
+
+    async def close(self) -> None:
+        if self.cache is not None:
+            await self.cache.close()
+
+    async def cache_ok(self) -> bool | None:
+        """The cache's probe: ``None`` when caching is off."""
+        return None if self.cache is None else await self.cache.check()
+
+    async def rank(
+        self, q: RankQuery, model: ServingModel | None = None, started: float | None = None
+    ) -> RankOutcome:
+        """Answer ``q`` on ``model`` (default: the current one). ``started``
+        (``perf_counter``) is when the request began, so the latency includes the parse."""
+        started = time.perf_counter() if started is None else started
+        model = model or self.models.current()
+        ranker = model.ranker
+        level = q.personalization
+        ctx = ranker.context(q)
+
+        key: str | None = None
+        read: CacheRead = BYPASS
+        if self.cache is not None and level is not Personalization.FULL:
+            key = cache_key(
+                CacheKeyParts(
+                    model_version=model.model_version,
+                    task=ctx.task.value,
+                    query=ctx.query,
+                    country=ctx.country,
+                    user_cluster=ranker.user_cluster(ctx, level),
+                    source_entity_id=ctx.source_entity_id,
+                    candidates=q.candidates,
+                    retrieval_limit=ranker.max_retrieved,
+                    k=q.k,
+                    personalization=level,
+                )
+            )
+            t0 = time.perf_counter()
+            read = await self.cache.get(key)
+            self.metrics.stage_latency.labels("cache").observe(time.perf_counter() - t0)
+
+        items = self._decode(read.value) if read.outcome == "hit" else None
+        if read.outcome == "hit" and items is None:
+            read = MISS
+        n_candidates: int | None = None
+        if items is None:
+            result = await self._score(model, q, ctx)
+            items = [
+                {
+                    "entity_id": i.entity_id,
+                    "score": i.score,
+                    "name": i.name,
+                    "entity_type": i.entity_type,
+                }
+                for i in result.items
+            ]
+            unknown = result.unknown_candidates
+            n_candidates = result.n_candidates
+            if read.outcome == "miss" and key is not None and self.cache is not None:
+                t0 = time.perf_counter()
+                await self.cache.set(key, orjson.dumps(items))
+                self.metrics.stage_latency.labels("cache").observe(time.perf_counter() - t0)
+        else:
+            unknown = (
+                model.bundle.catalogue.indices_of(list(q.candidates))[1]
+                if q.candidates is not None
+                else []
+            )
+        self.metrics.cache_requests.labels(read.outcome).inc()
+        self.metrics.rank_latency.labels(ctx.task.value, level.value, read.outcome).observe(
+            time.perf_counter() - started
+        )
+        return RankOutcome(
+            items, ctx, model.model_version, level, read.outcome, unknown, n_candidates
+        )
+
+    def _decode(self, value: bytes | None) -> list[dict[str, Any]] | None:
+        """Cached items, or ``None`` (counted as a cache error) when the entry is unusable."""
+        try:
+            items = orjson.loads(value or b"")
+            if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+                raise ValueError(f"cached value is a {type(items).__name__}, not a list of items")
+        except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
+            if self.cache is not None:
+                self.cache.record_error("decode", exc)
+            return None
+        return items
+
+    async def _score(self, model: ServingModel, q: RankQuery, ctx: Context) -> RankResult:
+        try:
+            await self.admission.enter()
+        except Overloaded:
+            self.metrics.shed.inc()
+            raise
+        self.metrics.in_flight.inc()
+        started = time.perf_counter()
+        try:
+            prepared = model.ranker.prepare(q, ctx)
+            stage = self.metrics.stage_latency
+            stage.labels("retrieval").observe(prepared.timings["retrieval"])
+            stage.labels("features").observe(prepared.timings["features"])
+            n = len(prepared.candidates)
+            self.metrics.candidates_per_request.observe(n)
+            t0 = time.perf_counter()
+            if n == 0:
+                scores = np.zeros(0, dtype=np.float32)
+            elif model.batcher is not None and not model.batcher.closed:
+                try:
+                    scores = await model.batcher.score(prepared.inputs)
+                except BatchClosed:  # the model was swapped while this request waited
+                    scores = self._score_direct(model, prepared.inputs)
+            else:
+                scores = self._score_direct(model, prepared.inputs)
+            prepared.timings["inference"] = time.perf_counter() - t0
+            stage.labels("inference").observe(prepared.timings["inference"])
+            return model.ranker.finish(prepared, scores)
+        finally:
+            self.metrics.in_flight.dec()
+            self.admission.leave(time.perf_counter() - started)
+
+    def _score_direct(self, model: ServingModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        scores = model.bundle.scorer.score(inputs)
+        self.metrics.inference_batch_size.observe(len(scores))
+        return scores
