@@ -197,7 +197,7 @@ class TextIndex:
     def token_range(self, token: str, prefix: bool) -> tuple[int, int]:
         """Vocabulary range of the token itself, or of every token starting with it."""
         # A key wider than the vocabulary's dtype makes numpy cast the whole vocabulary
-        # (0.2 ms on 9k tokens): a token longer than the longest one matches nothing, and
+        # (a cost per request): a token longer than the longest one matches nothing, and
         # one as long has no longer completion.
         width = self.vocab.dtype.itemsize // 4
         if len(token) > width:

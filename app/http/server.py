@@ -134,8 +134,8 @@ def run(
     (``auto`` is used when it is not installed). The event loop is ``settings.event_loop``.
     """
     # One BLAS thread per process, set before numpy is first imported (app.core.bundle below):
-    # with a pool per worker, a mat-vec over a 100k-entity catalogue fought the event loop
-    # for the cores (1M-user world, more_like_this miss p99 27.8 ms -> 6.1 ms; BENCHMARKS.md).
+    # with a pool per worker, a mat-vec over a large catalogue fights the event loop for
+    # the cores (docs/BENCHMARKS.md measures it).
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     import uvicorn
@@ -176,8 +176,8 @@ def _run_workers(config: Any) -> None:
     """What ``uvicorn.run`` does with several workers, with TCP_NODELAY on the listening
     socket, which the connections it accepts inherit. uvicorn creates that socket with
     protocol 0, and asyncio's transports only set TCP_NODELAY on sockets whose protocol
-    is IPPROTO_TCP. Without it, a response's header and body writes met delayed ACKs:
-    2 workers on the asyncio loop took p50 45.8 ms against 4.1 ms with 1 worker."""
+    is IPPROTO_TCP. Without it, a response's header and body writes meet delayed ACKs
+    (docs/BENCHMARKS.md, recommended change 8)."""
     import socket
 
     from uvicorn.supervisors import Multiprocess
