@@ -1,6 +1,6 @@
 """Domain errors: a small hierarchy, each with an HTTP status and a message that names the
-field and the rule. Mapped to responses in one handler (``app.http.routes``); services raise these,
-never ``HTTPException``."""
+field and the rule. Mapped to responses in one place (``app.http.error_handlers``); the
+code raises these, never ``HTTPException``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,11 @@ class Forbidden(UnicornError):
 class PayloadTooLarge(UnicornError):
     status_code = 413
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(UnicornError):
+    status_code = 415
+    code = "unsupported_media_type"
 
 
 class InvalidRequest(UnicornError):

@@ -13,6 +13,11 @@ from app.core.errors import BundleError
 
 OUTPUT_NAME = "probability"
 
+# No usage telemetry, and onnxruntime's own (non-JSON, colour-coded) log lines only for
+# errors: the service's log stream stays one JSON object per line.
+ort.disable_telemetry_events()
+ort.set_default_logger_severity(3)
+
 
 @dataclass(frozen=True)
 class ScorerOptions:

@@ -11,6 +11,7 @@ The lifespan builds the serving parts (``app.http.deps.Served``): the model hold
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -33,6 +34,7 @@ from app.serving.pipeline import RankingPipeline, open_cache
 logger = logging.getLogger("unicorn.main")
 
 API_VERSION = "1"
+PROCESS_SAMPLE_SECONDS = 5.0
 
 
 class StartupError(RuntimeError):
@@ -62,6 +64,14 @@ async def _warm_routes(app: FastAPI) -> None:
         logger.debug("route warm-up failed: %s", exc)
 
 
+async def _sample_process(metrics: ServiceMetrics) -> None:
+    """Each worker refreshes its process gauges (RSS, CPU, descriptors) every few seconds,
+    so a scrape answered by one worker still shows the others."""
+    while True:
+        await asyncio.sleep(PROCESS_SAMPLE_SECONDS)
+        metrics.sample_process()
+
+
 async def _close(served: Served) -> None:
     served.stopping = True  # /readyz answers 503 from here on
     await served.models.close()
@@ -73,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The ranking app for ``settings`` (default: from the environment)."""
     settings = settings or Settings()
     metrics = ServiceMetrics()
+    metrics.init_routes(ROUTE_PATHS)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -90,9 +101,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.info("cache: %s", settings.cache_backend)
         app.state.served = served
         await _warm_routes(app)
+        sampler = asyncio.get_running_loop().create_task(_sample_process(metrics))
         try:
             yield
         finally:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
             await _close(served)
 
     app = FastAPI(

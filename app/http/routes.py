@@ -17,7 +17,7 @@ import orjson
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.core.errors import Forbidden, NotFound, Unauthorized
+from app.core.errors import Forbidden, NotFound, Unauthorized, UnsupportedMediaType
 from app.http.access_log import access_record, describe_rank, hash_user
 from app.http.deps import ServedDep, served_or_none
 from app.http.sampling import sample_catalogue
@@ -37,6 +37,7 @@ from app.http.schemas import (
 from app.serving.pipeline import RankOutcome
 
 JSON = "application/json"
+GET_AND_HEAD = ["GET", "HEAD"]  # HEAD wherever GET exists (probes, caches, curl -I)
 
 
 class JsonResponse(JSONResponse):
@@ -69,6 +70,19 @@ RANK_REQUEST_SCHEMA = {
 }
 
 
+def require_json(content_type: str | None) -> None:
+    """A body sent as another media type (a form, text/plain) is refused with 415; a
+    request that names no media type is read as JSON."""
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != JSON and not (media.startswith("application/") and media.endswith("+json")):
+        raise UnsupportedMediaType(
+            f"content-type must be {JSON}, got {media or 'an empty value'!r}",
+            field="content-type",
+        )
+
+
 def rank_body(outcome: RankOutcome) -> bytes:
     """The JSON of a ``/rank`` answer (``RankResponse``), rendered once by orjson."""
     return orjson.dumps(
@@ -87,7 +101,7 @@ def rank_body(outcome: RankOutcome) -> bytes:
 @ranking_router.post(
     "/rank",
     response_class=JsonResponse,
-    responses={200: {"model": RankResponse}, **_errors(400, 404, 413, 422, 503)},
+    responses={200: {"model": RankResponse}, **_errors(400, 404, 413, 415, 422, 503)},
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -98,6 +112,7 @@ def rank_body(outcome: RankOutcome) -> bytes:
 async def rank(request: Request, served: ServedDep) -> JsonResponse:
     """Rank entities for one unified context (search, prequery, more_like_this, entity)."""
     started = time.perf_counter()
+    require_json(request.headers.get("content-type"))
     req = parse_rank_request(await request.body(), served.limits)
     model = served.models.current()
     record = access_record(request.scope)
@@ -122,13 +137,15 @@ async def rank(request: Request, served: ServedDep) -> JsonResponse:
 health_router = APIRouter(tags=["health"])
 
 
-@health_router.get("/healthz", response_model=Health)
+@health_router.api_route("/healthz", methods=GET_AND_HEAD, response_model=Health)
 async def healthz() -> Health:
     """Liveness: the process answers."""
     return Health(status="ok")
 
 
-@health_router.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})
+@health_router.api_route(
+    "/readyz", methods=GET_AND_HEAD, response_model=Ready, responses={503: {"model": Ready}}
+)
 async def readyz(request: Request) -> JsonResponse:
     """Readiness: 200 with the model version and cache state once a model serves and until
     shutdown, else 503. The cache is probed, not assumed."""
@@ -152,7 +169,7 @@ async def readyz(request: Request) -> JsonResponse:
 metrics_router = APIRouter(tags=["metrics"])
 
 
-@metrics_router.get("/metrics", response_class=Response)
+@metrics_router.api_route("/metrics", methods=GET_AND_HEAD, response_class=Response)
 async def metrics(served: ServedDep) -> Response:
     """Prometheus exposition of the service metrics (all workers when multiprocess)."""
     body, content_type = served.metrics.render()
@@ -202,7 +219,9 @@ async def reload(
 catalogue_router = APIRouter(prefix="/catalogue", tags=["catalogue"])
 
 
-@catalogue_router.get("/sample", response_model=CatalogueSample, responses=_errors(422))
+@catalogue_router.api_route(
+    "/sample", methods=GET_AND_HEAD, response_model=CatalogueSample, responses=_errors(422)
+)
 async def catalogue_sample(
     served: ServedDep,
     n: Annotated[int, Query(ge=1, le=SAMPLE_MAX, description="Items per list.")] = 100,

@@ -12,6 +12,7 @@ rules (tasks, k in 1..200, personalization levels) are static.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -138,10 +139,11 @@ class RankRequest(BaseModel):
 
 
 def parse_rank_request(body: bytes, limits: RankLimits) -> RankRequest:
-    """Validate a raw ``/rank`` body (pydantic's JSON parser, with the limits); a body that
-    is not JSON is a 400 ``MalformedRequest``, a rule broken a 422 ``ValidationError``."""
+    """Validate a raw ``/rank`` body (pydantic's JSON parser, with the limits). A body that
+    is not JSON, or names a field twice, is a 400 ``MalformedRequest``; a rule broken is a
+    422 ``ValidationError``."""
     try:
-        return RankRequest.model_validate_json(body, context=limits)
+        req = RankRequest.model_validate_json(body, context=limits)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         if errors and errors[0]["type"] == "json_invalid":
@@ -150,6 +152,23 @@ def parse_rank_request(body: bytes, limits: RankLimits) -> RankRequest:
                 f"request body must be a JSON object ({detail})", field="body"
             ) from None
         raise
+    _refuse_duplicate_fields(body)
+    return req
+
+
+def _refuse_duplicate_fields(body: bytes) -> None:
+    """JSON parsers keep the last of two equal keys; a body saying ``"k": 5, "k": 50`` is
+    ambiguous, so it is refused. A valid request has one object (the top level)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in items:
+            if key in seen:
+                raise MalformedRequest(f"{key} is given more than once", field=key)
+            seen.add(key)
+        return dict(items)
+
+    json.loads(body, object_pairs_hook=pairs)
 
 
 class RankedItemOut(BaseModel):
