@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 
 from app.core.errors import Forbidden, NotFound, Unauthorized, UnsupportedMediaType
 from app.http.access_log import access_record, describe_rank, hash_user
@@ -37,7 +38,6 @@ from app.http.schemas import (
 from app.serving.pipeline import RankOutcome
 
 JSON = "application/json"
-GET_AND_HEAD = ["GET", "HEAD"]  # HEAD wherever GET exists (probes, caches, curl -I)
 
 
 class JsonResponse(JSONResponse):
@@ -137,15 +137,13 @@ async def rank(request: Request, served: ServedDep) -> JsonResponse:
 health_router = APIRouter(tags=["health"])
 
 
-@health_router.api_route("/healthz", methods=GET_AND_HEAD, response_model=Health)
+@health_router.get("/healthz", response_model=Health)
 async def healthz() -> Health:
     """Liveness: the process answers."""
     return Health(status="ok")
 
 
-@health_router.api_route(
-    "/readyz", methods=GET_AND_HEAD, response_model=Ready, responses={503: {"model": Ready}}
-)
+@health_router.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})
 async def readyz(request: Request) -> JsonResponse:
     """Readiness: 200 with the model version and cache state once a model serves and until
     shutdown, else 503. The cache is probed, not assumed."""
@@ -169,7 +167,7 @@ async def readyz(request: Request) -> JsonResponse:
 metrics_router = APIRouter(tags=["metrics"])
 
 
-@metrics_router.api_route("/metrics", methods=GET_AND_HEAD, response_class=Response)
+@metrics_router.get("/metrics", response_class=Response)
 async def metrics(served: ServedDep) -> Response:
     """Prometheus exposition of the service metrics (all workers when multiprocess)."""
     body, content_type = served.metrics.render()
@@ -219,9 +217,7 @@ async def reload(
 catalogue_router = APIRouter(prefix="/catalogue", tags=["catalogue"])
 
 
-@catalogue_router.api_route(
-    "/sample", methods=GET_AND_HEAD, response_model=CatalogueSample, responses=_errors(422)
-)
+@catalogue_router.get("/sample", response_model=CatalogueSample, responses=_errors(422))
 async def catalogue_sample(
     served: ServedDep,
     n: Annotated[int, Query(ge=1, le=SAMPLE_MAX, description="Items per list.")] = 100,
@@ -232,6 +228,16 @@ async def catalogue_sample(
 
 
 ROUTERS = (ranking_router, health_router, metrics_router, admin_router, catalogue_router)
+for _router in ROUTERS:  # HEAD wherever GET exists (probes, caches, curl -I); undocumented
+    for _route in list(_router.routes):
+        if isinstance(_route, APIRoute) and "GET" in _route.methods:
+            _router.add_api_route(
+                _route.path.removeprefix(_router.prefix),
+                _route.endpoint,
+                methods=["HEAD"],
+                response_class=_route.response_class,
+                include_in_schema=False,
+            )
 api_router = APIRouter()
 for _router in ROUTERS:
     api_router.include_router(_router)
