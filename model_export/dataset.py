@@ -3,7 +3,8 @@ candidates the service's retriever returns.
 
 Each impression (one request) is imputed with ``app.core.context.impute_context`` and
 featurised with ``FeatureBuilder.context`` + ``FeatureBuilder.candidates``, exactly the
-calls the service makes, and its context inputs are repeated to one row per candidate.
+calls the service makes, and its context inputs are repeated to one row per candidate
+(``app.core.features.one_row_per_candidate``, the micro-batcher's layout too).
 
 The rule for labels (docs/MODEL.md, "Training rows"): the candidates of a training
 impression are drawn the way the service draws them, from ``CandidateRetriever.retrieve``
@@ -16,7 +17,7 @@ the logged negatives the retriever returns plus retrieved non-positives sampled
 uniformly, up to ``negatives`` per impression. Uniformly: the model must learn what
 engages among what retrieval returns; negatives drawn towards the top of the retrieval
 order are more popular than the positives, and taught it to rank popularity down
-(MovieLens prequery NDCG@10 0.001 at ``none``, against 0.008 for popularity).
+(the figures: docs/MODEL.md, "Training rows").
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.core.context import Personalization, impute_context
-from app.core.features import INPUT_NAMES, FeatureBuilder
+from app.core.catalogue import Catalogue
+from app.core.context import Context, Personalization, impute_context
+from app.core.features import FeatureBuilder, one_row_per_candidate
 from app.core.retrieval import CandidateRetriever
 from model_export.engagement_log import EngagementLog
 
@@ -62,6 +64,19 @@ def impression_groups(log: EngagementLog) -> list[np.ndarray]:
     return np.split(order, cuts) if len(order) else []
 
 
+def impression_context(log: EngagementLog, row: int, catalogue: Catalogue) -> Context:
+    """The imputed context of the impression holding log row ``row``: the service's
+    ``impute_context`` on the row's raw values."""
+    return impute_context(
+        str(log.task[row]),
+        str(log.user_id[row]),
+        str(log.query[row]),
+        str(log.country[row]),
+        str(log.source_entity_id[row]),
+        catalogue.name_of,
+    )
+
+
 def featurise(
     log: EngagementLog,
     builder: FeatureBuilder,
@@ -85,23 +100,15 @@ def featurise(
     targets = catalogue.lookup(log.target_entity_id)
     if np.any(targets < 0):
         raise ValueError("log targets must all be in the catalogue")
-    chunks: dict[str, list[np.ndarray]] = {name: [] for name in INPUT_NAMES}
+    per_impression: list[dict[str, np.ndarray]] = []
     impressions: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     tasks: list[np.ndarray] = []
     dropped: dict[str, int] = {}
 
     for g, rows in enumerate(groups):
-        r0 = rows[0]
-        task = str(log.task[r0])
-        ctx = impute_context(
-            task,
-            str(log.user_id[r0]),
-            str(log.query[r0]),
-            str(log.country[r0]),
-            str(log.source_entity_id[r0]),
-            catalogue.name_of,
-        )
+        task = str(log.task[rows[0]])
+        ctx = impression_context(log, rows[0], catalogue)
         level = levels if isinstance(levels, Personalization) else LEVELS[int(levels[g])]
         cf = builder.context(ctx, level)
         cand = targets[rows]
@@ -112,18 +119,15 @@ def featurise(
             if not len(cand):
                 dropped[task] = dropped.get(task, 0) + 1
                 continue
-        inputs = builder.candidates(cf, cand)
+        per_impression.append(builder.candidates(cf, cand))
         n = len(cand)
-        for name in INPUT_NAMES:
-            arr = inputs[name]
-            chunks[name].append(np.repeat(arr, n, axis=0) if arr.shape[0] == 1 and n > 1 else arr)
         impressions.append(np.full(n, g, dtype=np.int64))
         labels.append(label)
         tasks.append(np.full(n, task))
     if not labels:
         raise ValueError("no impression has a retrieved positive")
     return FeaturisedRows(
-        {name: np.concatenate(parts) for name, parts in chunks.items()},
+        one_row_per_candidate(per_impression),
         np.concatenate(labels),
         np.concatenate(impressions),
         np.concatenate(tasks).astype(str),

@@ -24,16 +24,15 @@ from typing import Any
 import numpy as np
 
 from app.core.catalogue import Catalogue
-from app.core.context import TASKS, Context, Personalization, impute_context
+from app.core.context import TASKS, Context, Personalization, Task, impute_context, logged_in
 from app.core.feature_tables import country_rows
-from app.core.features import DENSE_FEATURES, FeatureBuilder
+from app.core.features import COL, FeatureBuilder
 from app.core.retrieval import CandidateRetriever
-from model_export.dataset import impression_groups
+from model_export.dataset import impression_context, impression_groups
 from model_export.engagement_log import EngagementLog
 
 K = 10
 Scorer = Callable[[dict[str, np.ndarray]], np.ndarray]
-_COL = {name: i for i, name in enumerate(DENSE_FEATURES)}
 SEARCH_TITLE, SEARCH_TAG = "search_title", "search_tag"
 
 
@@ -76,15 +75,7 @@ def test_impressions(
         out[task] = []
         for g in sorted(pick.tolist()):
             rows = groups[g]
-            r0 = rows[0]
-            ctx = impute_context(
-                task,
-                str(log.user_id[r0]),
-                str(log.query[r0]),
-                str(log.country[r0]),
-                str(log.source_entity_id[r0]),
-                catalogue.name_of,
-            )
+            ctx = impression_context(log, rows[0], catalogue)
             out[task].append(TestImpression(ctx, np.unique(targets[rows][log.label[rows] == 1])))
     return out
 
@@ -101,7 +92,7 @@ class System:
 
 def column_scorer(*columns: str) -> Scorer:
     """A baseline: rank by dense feature columns, the first dominant, the rest tie-breaks."""
-    idx = [_COL[c] for c in columns]
+    idx = [COL[c] for c in columns]
 
     def score(inputs: dict[str, np.ndarray]) -> np.ndarray:
         dense = inputs["dense"]
@@ -115,14 +106,14 @@ def column_scorer(*columns: str) -> Scorer:
 
 BASELINES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("popularity", ("country_pop_log", "global_pop_log"), TASKS),
-    ("bm25", ("bm25", "global_pop_log"), ("search",)),
+    ("bm25", ("bm25", "global_pop_log"), (Task.SEARCH,)),
     (
         "co-occurrence",
         # the share of the source's co-engagements: within one source, the plain count
         ("co_engagement_share", "linked_to_source", "global_pop_log"),
-        ("more_like_this", "entity"),
+        (Task.MORE_LIKE_THIS, Task.ENTITY),
     ),
-    ("matrix factorisation", ("user_item_dot", "global_pop_log"), ("prequery",)),
+    ("matrix factorisation", ("user_item_dot", "global_pop_log"), (Task.PREQUERY,)),
 )
 
 
@@ -225,7 +216,7 @@ def evaluate_systems(
                 retrieved = float(np.isin(imp.positives, cand).mean())
                 per[s.name][i] = (ndcg, recall, mrr, retrieved)
         subsets = {task: np.ones(len(imps), dtype=bool)}
-        if split_search and task == "search":
+        if split_search and task == Task.SEARCH:
             title = title_query_mask(imps, builder.text.names)
             subsets[SEARCH_TITLE], subsets[SEARCH_TAG] = title, ~title
         for name, rows in per.items():
@@ -307,7 +298,7 @@ def title_askers(
 ) -> dict[int, tuple[str, str]]:
     """For each title, a (user_id, country) of a random logged-in row of ``log`` whose
     country has the title; titles no such row can see are left out."""
-    rows = np.flatnonzero(log.user_id != "")
+    rows = np.flatnonzero(logged_in(log.user_id))
     if len(rows) == 0:
         return {}
     crow = country_rows(builder.catalogue, log.country[rows])
@@ -336,7 +327,7 @@ def guard_pairs(
     catalogue = builder.catalogue
     rng = np.random.default_rng(seed)
     titles = unique_name_titles(builder)
-    users_rows = np.flatnonzero(log.user_id != "")
+    users_rows = np.flatnonzero(logged_in(log.user_id))
     pairs: list[tuple[int, Request]] = []
     if len(titles) == 0 or len(users_rows) == 0:
         return pairs
@@ -349,7 +340,7 @@ def guard_pairs(
         if not retriever.allowed[country_rows(catalogue, np.array([country]))[0], t]:
             continue
         query = str(catalogue.display_name[t])
-        pairs.append((t, Request("search", str(log.user_id[r]), query, country)))
+        pairs.append((t, Request(Task.SEARCH, str(log.user_id[r]), query, country)))
     return pairs
 
 
@@ -387,7 +378,7 @@ def relevance_guard(
     """Share of (user, full-title query) pairs where that title ranks first at ``level``.
 
     Titles whose normalised name is shared with another entity are skipped (ambiguous)."""
-    system = System("guard", level, score, ("search",))
+    system = System("guard", level, score, (Task.SEARCH,))
     return relevance_guards(log, builder, retriever, [system], n_pairs, max_retrieved, seed)[
         "guard"
     ]
@@ -493,7 +484,7 @@ def _ask_titles(
             continue
         user, country = askers[t]
         for label, query in variants(str(names[t]), rng):
-            requests.append(Request("search", user, query, country))
+            requests.append(Request(Task.SEARCH, user, query, country))
             meta.append((t, label, str(names[t]), query))
     ranked = rank_requests(systems, requests, builder, retriever, max_retrieved)
     ranks = {
@@ -604,7 +595,7 @@ def taste_members(
     positives and by at least ``min_lift`` times the share of all positives carrying it.
     Sorted by user id."""
     genres, matrix = catalogue.genre_names, catalogue.genre_matrix > 0
-    pos = (train.label == 1) & (train.user_id != "")
+    pos = (train.label == 1) & logged_in(train.user_id)
     targets = catalogue.lookup(train.target_entity_id[pos])
     known = targets >= 0
     users = train.user_id[pos][known]
@@ -622,7 +613,7 @@ def taste_members(
     fav = share.argmax(axis=1)
     fav_share = share[np.arange(len(uids)), fav]
     fav_base = base[fav]
-    in_test = np.isin(uids, test.user_id[test.user_id != ""])
+    in_test = np.isin(uids, test.user_id[logged_in(test.user_id)])
     ok = (
         in_test
         & (counts >= min_positives)
@@ -671,7 +662,7 @@ def taste_check(
     members = [qualifying[i] for i in pick]
     genres, matrix = catalogue.genre_names, catalogue.genre_matrix > 0
     col = {g: i for i, g in enumerate(genres)}
-    requests = [Request("prequery", m.user_id, "", m.country) for m in members]
+    requests = [Request(Task.PREQUERY, m.user_id, "", m.country) for m in members]
     ranked = rank_requests(systems, requests, builder, retriever, max_retrieved)
     out: dict[str, dict[str, float]] = {}
     for s in systems:

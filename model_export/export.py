@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import torch
 
-from app.core.features import INPUT_NAMES
+from app.core.features import CANDIDATE_INPUTS, CONTEXT_INPUTS, INPUT_NAMES
 from app.core.scoring import OUTPUT_NAME, OnnxScorer, ScorerOptions
 from model_export.model import UniCoRn, UniCoRnScorer
 from model_export.train import predict, to_tensors
@@ -30,10 +30,8 @@ def export_onnx(model: UniCoRn, example: dict[str, np.ndarray], path: Path) -> N
     if example["target"].shape[0] < 2:
         raise ValueError("example must have at least 2 candidate rows to trace a dynamic axis")
     scorer = UniCoRnScorer(model).eval()
-    dynamic = {
-        name: {0: "ctx_batch"} for name in ("ctx_cat", "ctx_source", "ctx_tokens", "user_vec")
-    }
-    dynamic.update({name: {0: "candidates"} for name in ("target", "item_vec", "dense")})
+    dynamic = {name: {0: "ctx_batch"} for name in CONTEXT_INPUTS}
+    dynamic.update({name: {0: "candidates"} for name in CANDIDATE_INPUTS})
     dynamic[OUTPUT_NAME] = {0: "candidates"}
     buffer = io.BytesIO()
     with torch.no_grad():

@@ -4,7 +4,7 @@ rows the deep model trains on.
 A learned ranker should at least match a well-tuned tree ensemble over the same hand-made
 features, so the evaluation reports this one beside the baselines. Features: every dense
 column (``app.core.features.DENSE_FEATURES``, ``user_item_dot`` included) plus the task id and
-the personalization level id (``ctx_cat[:, 0]``, ``ctx_cat[:, 3]``, categorical). The
+the personalization level id (the ``task`` and ``level`` columns of ``ctx_cat``, categorical). The
 objective is listwise: LambdaRank with NDCG truncated at 20, over the impressions of
 ``FeaturisedRows`` (``lightgbm.train`` with ``objective="lambdarank"``: the model that
 ``LGBMRanker`` fits, without its scikit-learn dependency). Impressions without a positive
@@ -24,12 +24,14 @@ from typing import Any
 import numpy as np
 
 from app.core.context import Personalization
-from app.core.features import DENSE_FEATURES
+from app.core.features import CAT_COL, DENSE_FEATURES
 from model_export.dataset import FeaturisedRows
 from model_export.evaluate import System
 
-FEATURE_NAMES: tuple[str, ...] = (*DENSE_FEATURES, "task_id", "level_id")
-CATEGORICAL: tuple[int, ...] = (len(DENSE_FEATURES), len(DENSE_FEATURES) + 1)
+# The ``ctx_cat`` columns the trees read, after the dense ones, as "<name>_id".
+CATEGORICAL_INPUTS: tuple[str, ...] = ("task", "level")
+FEATURE_NAMES: tuple[str, ...] = (*DENSE_FEATURES, *(f"{c}_id" for c in CATEGORICAL_INPUTS))
+CATEGORICAL: tuple[int, ...] = tuple(FEATURE_NAMES.index(f"{c}_id") for c in CATEGORICAL_INPUTS)
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,9 @@ def ranker_features(inputs: dict[str, np.ndarray]) -> np.ndarray:
     """(N, len(FEATURE_NAMES)) float32: the dense columns, then task and level ids
     (context inputs of batch 1 are broadcast to the N candidates)."""
     dense = np.asarray(inputs["dense"], dtype=np.float32)
-    ids = np.asarray(inputs["ctx_cat"])[:, [0, 3]].astype(np.float32)
-    return np.hstack([dense, np.broadcast_to(ids, (len(dense), 2))])
+    cols = [CAT_COL[c] for c in CATEGORICAL_INPUTS]
+    ids = np.asarray(inputs["ctx_cat"])[:, cols].astype(np.float32)
+    return np.hstack([dense, np.broadcast_to(ids, (len(dense), len(cols)))])
 
 
 @dataclass

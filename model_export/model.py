@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from app.core.context import Personalization, Task
+from app.core.features import CAT_COL
+
 
 @dataclass
 class ModelConfig:
@@ -27,17 +30,17 @@ class ModelConfig:
     n_dense: int
     vec_dim: int
     token_buckets: int
-    n_tasks: int = 4
-    n_levels: int = 3
+    n_tasks: int = len(Task)
+    n_levels: int = len(Personalization)
     emb_dim: int = 16
     n_cross: int = 2
     cross_rank: int = 32  # 0 = full-rank cross weight
     mlp_width: int = 128
     n_res_blocks: int = 2
     dropout: float = 0.0
-    # A learned embedding per TARGET id memorises the fit window instead of generalising:
-    # on the synthetic world it took the exact-title relevance guard from 0.90 to 0.56
-    # (docs/EVALUATION.md). Off by default; the source-entity embedding stays.
+    # A learned embedding per TARGET id memorises the fit window instead of generalising
+    # (the exact-title relevance guard falls: docs/MODEL.md, "Features"). Off by default;
+    # the source-entity embedding stays.
     target_id_embedding: bool = False
     dense_mean: list[float] = field(default_factory=list)
     dense_std: list[float] = field(default_factory=list)
@@ -149,7 +152,7 @@ class UniCoRn(nn.Module):
 
     def forward(
         self,
-        ctx_cat: torch.Tensor,  # (B, 4) int64
+        ctx_cat: torch.Tensor,  # (B, len(CTX_CAT)) int64
         ctx_source: torch.Tensor,  # (B,) int64
         ctx_tokens: torch.Tensor,  # (B, T) int64
         user_vec: torch.Tensor,  # (B, d) float32
@@ -161,10 +164,10 @@ class UniCoRn(nn.Module):
         n_tok = (ctx_tokens > 0).sum(dim=1, keepdim=True).clamp_min(1).to(tok.dtype)
         ctx = torch.cat(
             [
-                self.task_emb(ctx_cat[:, 0]),
-                self.country_emb(ctx_cat[:, 1]),
-                self.cluster_emb(ctx_cat[:, 2]),
-                self.level_emb(ctx_cat[:, 3]),
+                self.task_emb(ctx_cat[:, CAT_COL["task"]]),
+                self.country_emb(ctx_cat[:, CAT_COL["country"]]),
+                self.cluster_emb(ctx_cat[:, CAT_COL["cluster"]]),
+                self.level_emb(ctx_cat[:, CAT_COL["level"]]),
                 self.entity_emb(ctx_source),
                 tok.sum(dim=1) / n_tok,
             ],

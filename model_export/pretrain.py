@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from app.core.catalogue import Catalogue
+from app.core.context import UNKNOWN_USER, clean_user_ids
 from model_export.engagement_log import EngagementLog
 from model_export.table_builder import fold_in_users
 
@@ -26,8 +27,9 @@ def train_item_vectors(
         raise ValueError(f"dim and epochs must be >= 1, got dim={dim}, epochs={epochs}")
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    pos = (log.label == 1) & (log.user_id != "")
-    users, u_idx = np.unique(log.user_id[pos], return_inverse=True)
+    members = clean_user_ids(log.user_id)  # the ids the service looks members up by
+    pos = (log.label == 1) & (members != UNKNOWN_USER)
+    users, u_idx = np.unique(members[pos], return_inverse=True)
     items = catalogue.lookup(log.target_entity_id[pos])
     n_items = len(catalogue)
     user_emb = torch.nn.Embedding(max(len(users), 1), dim)
@@ -68,8 +70,9 @@ def fit_clusters(
     """(k, d) k-means centroids over the folded-in vectors of the users in ``log``."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    pos = (log.label == 1) & (log.user_id != "")
-    users, u_idx = np.unique(log.user_id[pos], return_inverse=True)
+    members = clean_user_ids(log.user_id)  # the ids the service looks members up by
+    pos = (log.label == 1) & (members != UNKNOWN_USER)
+    users, u_idx = np.unique(members[pos], return_inverse=True)
     vecs = fold_in_users(u_idx, catalogue.lookup(log.target_entity_id[pos]), len(users), item_vec)
     vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
     rng = np.random.default_rng(seed)

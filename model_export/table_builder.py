@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from app.core.catalogue import Catalogue
-from app.core.context import normalise_query
+from app.core.context import UNKNOWN_USER, Task, clean_user_ids, normalise_query
 from app.core.feature_tables import FeatureTables, country_rows
 from model_export.engagement_log import EngagementLog
 
@@ -62,11 +62,13 @@ def build_feature_tables(
     country_pos = np.zeros((n_c, n_entities), dtype=np.float32)
     np.add.at(country_pos, (crow[label], target[label]), 1.0)
 
-    # Users: fold-in vectors over positives, then clusters. Ids are trimmed as
-    # impute_context trims them, or the service would never find a user's row.
-    raw_users = np.strings.strip(log.user_id)
-    has_user = raw_users != ""
-    user_ids, user_inv = np.unique(raw_users[has_user], return_inverse=True)
+    # Users: fold-in vectors over positives, then clusters. Ids are keyed by the
+    # context's own rule (clean_user_id), or the service would never find a user's row.
+    users = clean_user_ids(log.user_id)
+    has_user = users != UNKNOWN_USER
+    user_ids, user_inv = np.unique(users[has_user], return_inverse=True)
+    # as wide as the longest id, not as UNKNOWN_USER: the cleaned column holds it
+    user_ids = user_ids.astype(f"U{np.strings.str_len(user_ids).max(initial=1)}")
     pos_rows = label[has_user]
     user_vec = fold_in_users(
         user_inv[pos_rows], target[has_user][pos_rows], len(user_ids), item_vec
@@ -79,7 +81,7 @@ def build_feature_tables(
     np.add.at(cluster_pos, (user_cluster[user_inv[pos_rows]], target[has_user][pos_rows]), 1.0)
 
     # Search queries: every typed prefix, normalised exactly as at serving time.
-    is_search = log.task == "search"
+    is_search = log.task == Task.SEARCH
     queries = np.array([normalise_query(q) for q in log.query[is_search].tolist()], dtype=str)
     q_keys, q_inv = np.unique(queries, return_inverse=True)
     pair = q_inv.astype(np.int64) * n_entities + target[is_search]
@@ -90,7 +92,7 @@ def build_feature_tables(
     query_indptr = np.concatenate([[0], np.cumsum(np.bincount(q_rows, minlength=len(q_keys)))])
 
     # Co-engagement: positives on a page of entity s for target t.
-    paged = np.isin(log.task, ("more_like_this", "entity")) & label
+    paged = np.isin(log.task, (Task.MORE_LIKE_THIS, Task.ENTITY)) & label
     source = catalogue.lookup(log.source_entity_id[paged])
     ok = source >= 0
     co_pair = source[ok] * n_entities + target[paged][ok]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from app.core.context import (
@@ -11,7 +12,12 @@ from app.core.context import (
     UNKNOWN_USER,
     Context,
     Task,
+    clean_countries,
+    clean_country,
+    clean_user_id,
+    clean_user_ids,
     impute_context,
+    logged_in,
     normalise_query,
     tokenize,
 )
@@ -161,10 +167,65 @@ def test_as_dict_is_plain_json_values() -> None:
     }
 
 
-def test_context_is_immutable() -> None:
-    ctx = impute("prequery")
-    with pytest.raises(AttributeError):
-        ctx.query = "x"  # type: ignore[misc]
+# Raw ids as logs and requests hold them: padding of every kind of whitespace, case,
+# blanks, the unknown tokens themselves, and repeats (the column forms clean each
+# distinct value once).
+UNTIDY = [
+    "",
+    " ",
+    "\t\n",
+    "\u00a0\u3000",  # no-break and ideographic spaces: whitespace to str.strip
+    "us",
+    " gb ",
+    "Us\t",
+    "\u2003de\u00a0",
+    "US",
+    "us",
+    "u42",
+    "  u42 ",
+    "U42",
+    "straße",  # upper() spells it with two letters
+    "<unknown_country>",
+    "<unknown_user>",
+    " <UNKNOWN_COUNTRY>\n",
+]
+
+
+def test_column_cleaning_agrees_with_the_context_rule_on_untidy_values() -> None:
+    column = np.array(UNTIDY)
+    assert clean_countries(column).tolist() == [clean_country(v) for v in UNTIDY]
+    assert clean_user_ids(column).tolist() == [clean_user_id(v) for v in UNTIDY]
+    assert logged_in(column).tolist() == [clean_user_id(v) != UNKNOWN_USER for v in UNTIDY]
+    for raw in UNTIDY:
+        ctx = impute("prequery", user_id=raw, country=raw)
+        assert (ctx.user_id, ctx.country) == (clean_user_id(raw), clean_country(raw)), raw
+    assert clean_countries(column[:0]).tolist() == clean_user_ids(column[:0]).tolist() == []
+    assert clean_countries(column.reshape(1, -1)).shape == (1, len(UNTIDY))
+
+
+@pytest.mark.parametrize(
+    ("raw", "country", "user"),
+    [
+        (None, UNKNOWN_COUNTRY, UNKNOWN_USER),
+        ("", UNKNOWN_COUNTRY, UNKNOWN_USER),
+        (" \t\u00a0", UNKNOWN_COUNTRY, UNKNOWN_USER),
+        (" gb ", "GB", "gb"),
+        ("Us\t", "US", "Us"),  # user ids keep their case: they are ids, not codes
+        ("straße", "STRASSE", "straße"),
+        ("<unknown_country>", UNKNOWN_COUNTRY, "<unknown_country>"),
+        ("<unknown_user>", "<UNKNOWN_USER>", UNKNOWN_USER),
+    ],
+)
+def test_cleaning_rules(raw: str | None, country: str, user: str) -> None:
+    assert clean_country(raw) == country
+    assert clean_user_id(raw) == user
+
+
+@pytest.mark.parametrize("raw", [None, *UNTIDY])
+def test_cleaning_a_cleaned_value_gives_it_back(raw: str | None) -> None:
+    # the features clean the country of an imputed context again before the lookup
+    assert clean_country(clean_country(raw)) == clean_country(raw)
+    assert clean_user_id(clean_user_id(raw)) == clean_user_id(raw)
 
 
 # ------------------------------------------------------------------- normalise_query

@@ -21,10 +21,17 @@ from app.core.context import (
     Personalization,
     Task,
     impute_context,
+    logged_in,
 )
 from app.core.feature_tables import FeatureTables, country_rows
 from app.core.features import (
+    CANDIDATE_INPUTS,
+    CAT_COL,
+    COL,
+    CONTEXT_DENSE,
+    CONTEXT_INPUTS,
     CTR_SMOOTHING,
+    CTX_CAT,
     DENSE_FEATURES,
     INPUT_NAMES,
     LEVEL_IDS,
@@ -32,6 +39,7 @@ from app.core.features import (
     TASK_IDS,
     TOKEN_BUCKETS,
     FeatureBuilder,
+    one_row_per_candidate,
 )
 from app.core.text_index import TextIndex, stable_hash
 from model_export.dataset import featurise
@@ -45,7 +53,6 @@ from model_export.table_builder import (
     fold_in_users,
 )
 
-COL = {name: i for i, name in enumerate(DENSE_FEATURES)}
 VEC_DIM = 8
 N_CLUSTERS = 4
 SMALL = WorldConfig(
@@ -60,8 +67,6 @@ SMALL = WorldConfig(
     more_like_this_sessions=150,
     entity_sessions=150,
 )
-CONTEXT_INPUTS = ("ctx_cat", "ctx_source", "ctx_tokens", "user_vec")
-CANDIDATE_INPUTS = ("target", "item_vec", "dense")
 DTYPES = {
     "ctx_cat": np.int64,
     "ctx_source": np.int64,
@@ -101,7 +106,7 @@ def synthetic_builder(world: tuple[Catalogue, EngagementLog]) -> FeatureBuilder:
 
 def first_context_of(log: EngagementLog, catalogue: Catalogue, task: str) -> Context:
     """The imputed context of the first logged-in impression of ``task``."""
-    r = int(np.flatnonzero((log.task == task) & (log.user_id != ""))[0])
+    r = int(np.flatnonzero((log.task == task) & logged_in(log.user_id))[0])
     return impute_context(
         task,
         str(log.user_id[r]),
@@ -127,7 +132,7 @@ def test_every_input_has_its_shape_dtype_and_finite_values(
     assert tuple(inputs) == INPUT_NAMES
     n = len(cand)
     shapes = {
-        "ctx_cat": (1, 4),
+        "ctx_cat": (1, len(CTX_CAT)),
         "ctx_source": (1,),
         "ctx_tokens": (1, MAX_QUERY_TOKENS),
         "user_vec": (1, VEC_DIM),
@@ -140,8 +145,8 @@ def test_every_input_has_its_shape_dtype_and_finite_values(
         assert inputs[name].dtype == DTYPES[name], name
         assert np.all(np.isfinite(inputs[name])), name
     assert np.array_equal(inputs["target"], cand)
-    assert inputs["ctx_cat"][0, 0] == TASK_IDS[Task(task)]
-    assert inputs["ctx_cat"][0, 3] == LEVEL_IDS[level]
+    assert inputs["ctx_cat"][0, CAT_COL["task"]] == TASK_IDS[Task(task)]
+    assert inputs["ctx_cat"][0, CAT_COL["level"]] == LEVEL_IDS[level]
     assert inputs["ctx_tokens"].min() >= 0 and inputs["ctx_tokens"].max() < TOKEN_BUCKETS
 
 
@@ -172,7 +177,7 @@ def test_no_candidates_give_empty_candidate_inputs(
     assert inputs["dense"].shape == (0, len(DENSE_FEATURES))
     assert inputs["item_vec"].shape == (0, VEC_DIM)
     assert inputs["target"].shape == (0,)
-    assert inputs["ctx_cat"].shape == (1, 4)
+    assert inputs["ctx_cat"].shape == (1, len(CTX_CAT))
 
 
 def test_a_long_query_keeps_at_most_max_tokens(synthetic_builder: FeatureBuilder) -> None:
@@ -347,7 +352,7 @@ def test_country_popularity_is_per_country(builder: FeatureBuilder) -> None:
 def test_personalization_none_masks_every_user_signal(builder: FeatureBuilder) -> None:
     ctx = impute_context("prequery", "dark_fan", None, "US", None, lambda _: None)
     cf = builder.context(ctx, Personalization.NONE)
-    assert cf.cluster == 0 and cf.ctx_cat[0, 2] == 0
+    assert cf.cluster == 0 and cf.ctx_cat[0, CAT_COL["cluster"]] == 0
     assert not cf.user_vec.any()
     dense = builder.candidates(cf, idx(builder, "v_stranger", "v_dark"))["dense"]
     for f in ("cluster_pop_log", "cluster_share", "user_item_dot"):
@@ -357,7 +362,7 @@ def test_personalization_none_masks_every_user_signal(builder: FeatureBuilder) -
 def test_personalization_cluster_gives_the_cluster_only(builder: FeatureBuilder) -> None:
     ctx = impute_context("prequery", "dark_fan", None, "US", None, lambda _: None)
     cf = builder.context(ctx, Personalization.CLUSTER)
-    assert cf.cluster == 1 and cf.ctx_cat[0, 2] == 1
+    assert cf.cluster == 1 and cf.ctx_cat[0, CAT_COL["cluster"]] == 1
     assert not cf.user_vec.any()
     dense = builder.candidates(cf, idx(builder, "v_stranger", "v_crown"))["dense"]
     assert dense[0, COL["cluster_pop_log"]] > 0  # dark fans played Stranger Things
@@ -398,7 +403,8 @@ def test_context_ids(builder: FeatureBuilder) -> None:
     assert search.ctx_source.tolist() == [n]  # the null source token
     assert search.source_index == -1
     gb_row = 1 + builder.catalogue.country_names.index("GB")
-    assert search.ctx_cat[0].tolist() == [TASK_IDS[Task.SEARCH], gb_row, 0, 0]
+    cat = dict(zip(CTX_CAT, search.ctx_cat[0].tolist(), strict=True))
+    assert cat == {"task": TASK_IDS[Task.SEARCH], "country": gb_row, "cluster": 0, "level": 0}
     assert search.ctx_tokens[0, :2].tolist() == [
         stable_hash("the", TOKEN_BUCKETS),
         stable_hash("crown", TOKEN_BUCKETS),
@@ -411,8 +417,62 @@ def test_context_ids(builder: FeatureBuilder) -> None:
         Personalization.NONE,
     )
     assert page.ctx_source.tolist() == [builder.catalogue.index["v_dark"]]
-    assert page.ctx_cat[0, 1] == 0  # unknown country
-    assert len(set(TASK_IDS.values())) == len(Task) and len(set(LEVEL_IDS.values())) == 3
+    assert page.ctx_cat[0, CAT_COL["country"]] == 0  # unknown country
+
+
+def test_the_cluster_is_the_one_the_features_use(builder: FeatureBuilder) -> None:
+    # the cache keys results by FeatureBuilder.user_cluster: it must be ctx_cat's cluster
+    for user in ("dark_fan", "bright_fan", "someone_new", None):
+        ctx = impute_context("prequery", user, None, "US", None, lambda _: None)
+        for level in Personalization:
+            cf = builder.context(ctx, level)
+            assert builder.user_cluster(ctx.user_id, level) == cf.cluster, (user, level)
+            assert cf.ctx_cat[0, CAT_COL["cluster"]] == cf.cluster
+
+
+def test_ids_of_tasks_and_levels_are_the_enums_in_order() -> None:
+    # the model's embedding tables have len(Task) and len(Personalization) rows
+    assert list(TASK_IDS) == list(Task) and list(TASK_IDS.values()) == list(range(len(Task)))
+    assert list(LEVEL_IDS) == list(Personalization)
+    assert list(LEVEL_IDS.values()) == list(range(len(Personalization)))
+
+
+def test_context_features_fill_their_named_columns(
+    world: tuple[Catalogue, EngagementLog], synthetic_builder: FeatureBuilder
+) -> None:
+    catalogue, log = world
+    cf = synthetic_builder.context(first_context_of(log, catalogue, "search"), Personalization.NONE)
+    dense = synthetic_builder.candidates(cf, np.flatnonzero(catalogue.rankable)[:5])["dense"]
+    for i, name in enumerate(CONTEXT_DENSE):
+        assert np.all(dense[:, COL[name]] == cf.context_dense[i]), name
+    assert dense[0, COL["query_tokens"]] == len(cf.tokens)
+    assert dense[0, COL["query_imputed"]] == 0.0
+
+
+def test_one_row_per_candidate_repeats_each_context_over_its_candidates(
+    world: tuple[Catalogue, EngagementLog], synthetic_builder: FeatureBuilder
+) -> None:
+    catalogue, log = world
+    rankable = np.flatnonzero(catalogue.rankable)
+    requests = [
+        synthetic_builder.candidates(
+            synthetic_builder.context(first_context_of(log, catalogue, task), level), cand
+        )
+        for task, level, cand in (
+            ("search", Personalization.FULL, rankable[:3]),
+            ("prequery", Personalization.CLUSTER, rankable[3:4]),
+            ("entity", Personalization.NONE, rankable[4:9]),
+        )
+    ]
+    rows = one_row_per_candidate(requests)
+    assert tuple(rows) == INPUT_NAMES
+    owner = np.repeat([0, 1, 2], [3, 1, 5])
+    offset = np.array([0, 3, 4])
+    for r, (o, start) in enumerate(zip(owner, offset[owner], strict=True)):
+        for name in CONTEXT_INPUTS:
+            assert np.array_equal(rows[name][r], requests[o][name][0]), (r, name)
+        for name in CANDIDATE_INPUTS:
+            assert np.array_equal(rows[name][r], requests[o][name][r - start]), (r, name)
 
 
 # ------------------------------------------------------------------ feature tables
@@ -445,19 +505,40 @@ def test_country_rows_map_codes_to_rows(builder: FeatureBuilder) -> None:
     ]
 
 
-def test_tables_key_users_and_countries_as_the_context_imputes_them() -> None:
-    # a log with untidy raw values: the service looks them up trimmed and upper-cased
-    rows = [(100, "prequery", " dark_fan ", "", " us ", "", "v_dark", 1)]
-    b = hand_world.builder(rows)
+@pytest.mark.parametrize(
+    ("logged_user", "logged_country", "asked_user", "asked_country"),
+    [
+        (" dark_fan ", " us ", "dark_fan", "US"),
+        ("dark_fan\t", "Us", " dark_fan", "us "),
+        ("\u00a0dark_fan\u3000", "\u2003US\n", "dark_fan", "uS"),  # unicode whitespace
+    ],
+)
+def test_tables_key_users_and_countries_as_the_context_imputes_them(
+    logged_user: str, logged_country: str, asked_user: str, asked_country: str
+) -> None:
+    # a log with untidy raw values: the tables and the context clean them by one rule
+    b = hand_world.builder([(100, "prequery", logged_user, "", logged_country, "", "v_dark", 1)])
     assert b.tables.user_ids.tolist() == ["dark_fan"]
-    ctx = impute_context("prequery", "dark_fan", None, "US", None, lambda _: None)
+    ctx = impute_context("prequery", asked_user, None, asked_country, None, lambda _: None)
     cf = b.context(ctx, Personalization.FULL)
     assert cf.cluster == 1 and cf.user_vec.any()
+    assert b.user_cluster(ctx.user_id, Personalization.FULL) == cf.cluster
+    us_row = 1 + b.catalogue.country_names.index("US")
+    assert cf.country_row == us_row
+    assert country_rows(b.catalogue, np.array([logged_country, asked_country])).tolist() == [
+        us_row,
+        us_row,
+    ]
     dense = b.candidates(cf, idx(b, "v_dark"))["dense"]
     # the only US positive: a share of 1/1
     assert dense[0, COL["country_pop_log"]] == pytest.approx(log_share(1, 1))
-    blank = hand_world.builder([(100, "prequery", "  ", "", "", "", "v_dark", 1)])
-    assert len(blank.tables.user_ids) == 0  # whitespace is no user
+
+
+@pytest.mark.parametrize("blank", ["", "  ", "\t\u00a0", "<unknown_user>"])
+def test_a_blank_user_id_or_the_unknown_token_is_no_user_in_the_tables(blank: str) -> None:
+    b = hand_world.builder([(100, "prequery", blank, "", "", "", "v_dark", 1)])
+    assert len(b.tables.user_ids) == 0
+    assert b.tables.cluster_pos[1:].sum() == 0  # its positive is in no cluster
 
 
 def test_tables_refuse_item_vectors_of_the_wrong_size() -> None:

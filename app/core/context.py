@@ -9,6 +9,9 @@ tokens so that the model sees "absent" as a value it learned, never as garbage:
 - more_like_this / entity: the query is imputed from the source entity's display name;
 - prequery: neither a query (``""``) nor a source (``NULL_SOURCE``);
 - missing user / country: ``UNKNOWN_USER`` / ``UNKNOWN_COUNTRY``.
+
+User ids and country codes are cleaned by ``clean_user_id`` and ``clean_country`` (and
+their column forms, for logs), the one rule the feature tables are keyed by too.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+
+import numpy as np
 
 NULL_SOURCE = "<null_source>"
 UNKNOWN_USER = "<unknown_user>"
@@ -69,6 +74,44 @@ def tokenize(normalised: str) -> list[str]:
     return normalised.split()
 
 
+def clean_user_id(user_id: str | None) -> str:
+    """The member id as the service keys it: trimmed; ``UNKNOWN_USER`` when missing or
+    blank. The one rule for user ids: the context and the feature tables both apply it."""
+    return (user_id or "").strip() or UNKNOWN_USER
+
+
+def clean_country(country: str | None) -> str:
+    """The country code as the service keys it: trimmed and upper-cased;
+    ``UNKNOWN_COUNTRY`` when missing, blank or that token already (so cleaning an
+    imputed country gives it back)."""
+    code = (country or "").strip().upper()
+    return code if code and code != UNKNOWN_COUNTRY.upper() else UNKNOWN_COUNTRY
+
+
+def clean_user_ids(user_ids: np.ndarray) -> np.ndarray:
+    """``clean_user_id`` of every element of a str array (a log column)."""
+    return _each_distinct(clean_user_id, user_ids)
+
+
+def clean_countries(countries: np.ndarray) -> np.ndarray:
+    """``clean_country`` of every element of a str array (a log column)."""
+    return _each_distinct(clean_country, countries)
+
+
+def logged_in(user_ids: np.ndarray) -> np.ndarray:
+    """Bool mask of the log rows of a member: those ``clean_user_id`` does not make
+    ``UNKNOWN_USER``."""
+    return clean_user_ids(user_ids) != UNKNOWN_USER
+
+
+def _each_distinct(rule: Callable[[str], str], values: np.ndarray) -> np.ndarray:
+    # The scalar rule itself, once per distinct value (a log column repeats its values):
+    # a re-implementation with numpy string functions could disagree with it.
+    distinct, inverse = np.unique(np.asarray(values, dtype=str), return_inverse=True)
+    cleaned = np.array([rule(v) for v in distinct.tolist()], dtype=str)
+    return cleaned[inverse.reshape(-1)].reshape(np.shape(values))
+
+
 @dataclass(frozen=True, slots=True)
 class Context:
     """A request after imputation: no field is ever missing."""
@@ -108,8 +151,8 @@ def impute_context(
         the_task = Task(task)
     except ValueError:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}") from None
-    user = (user_id or "").strip() or UNKNOWN_USER
-    the_country = (country or "").strip().upper() or UNKNOWN_COUNTRY
+    user = clean_user_id(user_id)
+    the_country = clean_country(country)
     source = (source_entity_id or "").strip()
     normalised = normalise_query(query)
     imputed = False

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from app.core.catalogue import Catalogue
+from app.core.context import clean_countries
 from app.core.tables import load_table, save_table
 
 
@@ -51,20 +52,11 @@ class FeatureTables:
 
     def user_row(self, user_id: str) -> int:
         """Row of ``user_id`` in the user arrays, -1 for an unknown (cold-start) user."""
-        if len(self.user_ids) == 0:
-            return -1
-        pos = int(np.searchsorted(self.user_ids, user_id))
-        if pos < len(self.user_ids) and self.user_ids[pos] == user_id:
-            return pos
-        return -1
+        return _sorted_row(self.user_ids, user_id)
 
     def query_row(self, query: str) -> int:
-        if len(self.query_keys) == 0:
-            return -1
-        pos = int(np.searchsorted(self.query_keys, query))
-        if pos < len(self.query_keys) and self.query_keys[pos] == query:
-            return pos
-        return -1
+        """Row of a normalised search query in the query arrays, -1 when never typed."""
+        return _sorted_row(self.query_keys, query)
 
     def co_engaged(self, source: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.co_indptr[source], self.co_indptr[source + 1]
@@ -81,10 +73,20 @@ class FeatureTables:
         return cls(**load_table(path, required=tuple(f.name for f in fields(cls))))
 
 
+def _sorted_row(keys: np.ndarray, key: str) -> int:
+    """Position of ``key`` in the sorted ``keys``, -1 when absent."""
+    pos = int(np.searchsorted(keys, key))
+    return pos if pos < len(keys) and keys[pos] == key else -1
+
+
+def country_index(catalogue: Catalogue) -> dict[str, int]:
+    """Row in ``country_pos`` of each catalogue country code (row 0: unknown country)."""
+    return {c: i + 1 for i, c in enumerate(catalogue.country_names)}
+
+
 def country_rows(catalogue: Catalogue, countries: np.ndarray) -> np.ndarray:
-    """Row in ``country_pos`` for each raw or imputed country code: 0 when unknown."""
-    lookup = {c: i + 1 for i, c in enumerate(catalogue.country_names)}
-    # strip + upper, as app.core.context.impute_context does: training and serving must agree
-    return np.array(
-        [lookup.get(str(c).strip().upper(), 0) for c in countries.tolist()], dtype=np.int64
-    )
+    """Row in ``country_pos`` for each raw or imputed country code: 0 when unknown.
+    Codes are cleaned by ``app.core.context.clean_countries``, the rule of the context."""
+    index = country_index(catalogue)
+    cleaned = clean_countries(countries).tolist()
+    return np.array([index.get(c, 0) for c in cleaned], dtype=np.int64)

@@ -12,26 +12,36 @@ row per candidate.
 =============  =======  ========  =========================================================
 name           dtype    shape     meaning
 =============  =======  ========  =========================================================
-ctx_cat        int64    (B, 4)    task, country, user cluster, personalization level ids
+ctx_cat        int64    (B, 4)    ids of task, country, user cluster and personalization
+                                  level, in ``CTX_CAT`` order (columns: ``CAT_COL``)
 ctx_source     int64    (B,)      source entity index, ``n_entities`` = null token
 ctx_tokens     int64    (B, T)    hashed query tokens, 0 = padding
 user_vec       float32  (B, d)    per-user vector (zeros unless personalization is full)
 target         int64    (N,)      candidate entity index
 item_vec       float32  (N, d)    candidate vector of the pre-trained user-item model
 dense          float32  (N, F)    numeric features, in ``DENSE_FEATURES`` order (raw; the
-                                  model normalises them with constants from training)
+                                  model normalises them with constants from training;
+                                  columns: ``COL``)
 =============  =======  ========  =========================================================
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from app.core.catalogue import Catalogue
-from app.core.context import NULL_SOURCE, Context, Personalization, Task, tokenize
-from app.core.feature_tables import FeatureTables, country_rows
+from app.core.context import (
+    NULL_SOURCE,
+    Context,
+    Personalization,
+    Task,
+    clean_country,
+    tokenize,
+)
+from app.core.feature_tables import FeatureTables, country_index
 from app.core.text_index import TextIndex, query_trigrams, stable_hash
 
 MAX_QUERY_TOKENS = 8
@@ -42,8 +52,12 @@ GENRE_SHRINKAGE = 10.0  # pseudo-positives pulling a member's genre profile to t
 TASK_IDS: dict[Task, int] = {t: i for i, t in enumerate(Task)}
 LEVEL_IDS: dict[Personalization, int] = {p: i for i, p in enumerate(Personalization)}
 
-DENSE_FEATURES: tuple[str, ...] = (
-    # context
+# The columns of ``ctx_cat``, by name: ``ctx_cat[:, CAT_COL["task"]]``.
+CTX_CAT: tuple[str, ...] = ("task", "country", "cluster", "level")
+CAT_COL: dict[str, int] = {name: i for i, name in enumerate(CTX_CAT)}
+
+# Dense features of the context alone: filled once per request (ContextFeatures.context_dense)
+CONTEXT_DENSE: tuple[str, ...] = (
     "query_chars_log",
     "query_tokens",
     "query_imputed",
@@ -51,6 +65,9 @@ DENSE_FEATURES: tuple[str, ...] = (
     # last typed token, or within the typo budget): a title search reads near 1, a
     # description ("in netflix queue") lower; tells the model when text match decides
     "query_in_catalogue",
+)
+DENSE_FEATURES: tuple[str, ...] = (
+    *CONTEXT_DENSE,
     # query x target text match (every token of a name is an anchor; the last token of a
     # typed search query may be incomplete and matches as a prefix)
     "name_prefix",  # the query is a prefix of the whole name
@@ -79,18 +96,15 @@ DENSE_FEATURES: tuple[str, ...] = (
     "user_item_dot",
     "user_genre_affinity",  # the user's genre profile x the target's genres, as a lift
 )
+# The columns of ``dense``, by name: ``dense[:, COL["bm25"]]``. Never index by number.
 COL: dict[str, int] = {name: i for i, name in enumerate(DENSE_FEATURES)}
-CONTEXT_DENSE = DENSE_FEATURES[:4]  # filled once per request (ContextFeatures.context_dense)
+_CONTEXT_COLS = np.array([COL[name] for name in CONTEXT_DENSE])
 
-INPUT_NAMES: tuple[str, ...] = (
-    "ctx_cat",
-    "ctx_source",
-    "ctx_tokens",
-    "user_vec",
-    "target",
-    "item_vec",
-    "dense",
-)
+# Inputs with one row per request context (batch 1 at serving time, broadcast by the
+# model over the candidates), then the inputs with one row per candidate.
+CONTEXT_INPUTS: tuple[str, ...] = ("ctx_cat", "ctx_source", "ctx_tokens", "user_vec")
+CANDIDATE_INPUTS: tuple[str, ...] = ("target", "item_vec", "dense")
+INPUT_NAMES: tuple[str, ...] = (*CONTEXT_INPUTS, *CANDIDATE_INPUTS)  # the model's order
 
 
 @dataclass(frozen=True)
@@ -99,7 +113,7 @@ class ContextFeatures:
 
     context: Context
     level: Personalization
-    ctx_cat: np.ndarray  # (1, 4)
+    ctx_cat: np.ndarray  # (1, len(CTX_CAT))
     ctx_source: np.ndarray  # (1,)
     ctx_tokens: np.ndarray  # (1, T)
     user_vec: np.ndarray  # (1, d)
@@ -113,7 +127,7 @@ class ContextFeatures:
     country_row: int
     cluster: int
     query_row: int
-    context_dense: np.ndarray  # (4,) the CONTEXT_DENSE block of DENSE_FEATURES
+    context_dense: np.ndarray  # (len(CONTEXT_DENSE),) in CONTEXT_DENSE order
     # per query token: sorted entity indices holding a name token within the token's typo
     # budget (the last token of a search query as a prefix); empty below 4 characters
     fuzzy_postings: tuple[np.ndarray, ...]
@@ -127,6 +141,7 @@ class FeatureBuilder:
         self.tables = tables
         self.text = text
         self.n_entities = len(catalogue)
+        self.country_index = country_index(catalogue)
         # Popularity as a log share (per 10k positives), not a raw count: the model learns
         # from tables of the history window and is served with tables of the whole training
         # split, about twice the volume; shares mean the same thing in both.
@@ -153,9 +168,15 @@ class FeatureBuilder:
         self.genre_prior = (genre_pos + 1.0) / (float(genre_pos.sum()) + len(genre_pos))
         self.search_pos_total = max(float(tables.query_pos.sum()), 1.0)
 
-    def user_cluster(self, user_id: str) -> int:
-        row = self.tables.user_row(user_id)
-        return int(self.tables.user_cluster[row]) if row >= 0 else 0
+    def user_cluster(self, user_id: str, level: Personalization) -> int:
+        """The user's cluster id as the model sees it at ``level`` (``ctx_cat``'s
+        ``cluster``): 0 at ``none`` and for an unknown user."""
+        return self._cluster_of(self.tables.user_row(user_id), level)
+
+    def _cluster_of(self, user_row: int, level: Personalization) -> int:
+        if level is Personalization.NONE or user_row < 0:
+            return 0
+        return int(self.tables.user_cluster[user_row])
 
     def context(self, ctx: Context, level: Personalization) -> ContextFeatures:
         tokens = tuple(tokenize(ctx.query))[:MAX_QUERY_TOKENS]
@@ -169,11 +190,9 @@ class FeatureBuilder:
             [self.text.idf(t, prefix=p) for t, p in zip(tokens, is_prefix, strict=True)],
             dtype=np.float32,
         )
-        user_row = self.tables.user_row(ctx.user_id)
-        cluster = 0
+        user_row = self.tables.user_row(ctx.user_id)  # the one lookup of the user
+        cluster = self._cluster_of(user_row, level)
         user_vec = self.zero_vec
-        if level is not Personalization.NONE and user_row >= 0:
-            cluster = int(self.tables.user_cluster[user_row])
         genre_lift = None
         if level is Personalization.FULL and user_row >= 0:
             user_vec = self.tables.user_vec[user_row : user_row + 1]
@@ -181,10 +200,14 @@ class FeatureBuilder:
         source_index = -1
         if ctx.source_entity_id != NULL_SOURCE:
             source_index = self.catalogue.index.get(ctx.source_entity_id, -1)
-        country_row = int(country_rows(self.catalogue, np.array([ctx.country]))[0])
-        ctx_cat = np.array(
-            [[TASK_IDS[ctx.task], country_row, cluster, LEVEL_IDS[level]]], dtype=np.int64
-        )
+        country_row = self.country_index.get(clean_country(ctx.country), 0)
+        cat = {
+            "task": TASK_IDS[ctx.task],
+            "country": country_row,
+            "cluster": cluster,
+            "level": LEVEL_IDS[level],
+        }
+        ctx_cat = np.array([[cat[name] for name in CTX_CAT]], dtype=np.int64)
         # Typos are a search box's problem: a page's query is the source's own name.
         fuzzy = tuple(
             self.text.fuzzy_postings(t, prefix=p) if search else np.zeros(0, dtype=np.int64)
@@ -194,15 +217,13 @@ class FeatureBuilder:
             len(post) > 0 or self.text.has_token(t, prefix=p)
             for t, p, post in zip(tokens, is_prefix, fuzzy, strict=True)
         ]
-        context_dense = np.array(
-            [
-                np.log1p(len(ctx.query)),
-                len(tokens),
-                float(ctx.query_imputed),
-                float(np.mean(known)) if known else 0.0,
-            ],
-            dtype=np.float32,
-        )
+        values = {
+            "query_chars_log": np.log1p(len(ctx.query)),
+            "query_tokens": len(tokens),
+            "query_imputed": float(ctx.query_imputed),
+            "query_in_catalogue": float(np.mean(known)) if known else 0.0,
+        }
+        context_dense = np.array([values[name] for name in CONTEXT_DENSE], dtype=np.float32)
         trigrams = (
             query_trigrams(ctx.query, prefix=search) if ctx.query else np.zeros(0, dtype=np.int64)
         )
@@ -246,7 +267,7 @@ class FeatureBuilder:
         """Model inputs for ``cand`` (int64 entity indices) under context ``cf``."""
         n = len(cand)
         dense = np.zeros((n, len(DENSE_FEATURES)), dtype=np.float32)
-        dense[:, : len(CONTEXT_DENSE)] = cf.context_dense
+        dense[:, _CONTEXT_COLS] = cf.context_dense
         if cf.tokens:
             self._text_features(cf, cand, dense)
         self._engagement_features(cf, cand, dense)
@@ -339,6 +360,20 @@ class FeatureBuilder:
             linked = self.catalogue.linked(cf.source_index)
             if len(linked):
                 dense[:, COL["linked_to_source"]] = np.isin(cand, linked)
+
+
+def one_row_per_candidate(requests: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Several requests' inputs as one, in the layout the model trains on: each request's
+    context rows (batch 1) repeated to its candidate count, then all rows concatenated."""
+    counts = [len(r["target"]) for r in requests]
+    out = {
+        name: np.concatenate(
+            [np.repeat(r[name], n, axis=0) for r, n in zip(requests, counts, strict=True)]
+        )
+        for name in CONTEXT_INPUTS
+    }
+    out.update({name: np.concatenate([r[name] for r in requests]) for name in CANDIDATE_INPUTS})
+    return {name: out[name] for name in INPUT_NAMES}
 
 
 def _log_share(counts: np.ndarray) -> np.ndarray:

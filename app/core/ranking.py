@@ -15,7 +15,7 @@ import numpy as np
 from app.core.bundle import Bundle
 from app.core.context import Context, Personalization, Task, impute_context
 from app.core.errors import InvalidRequest, NotFound
-from app.core.features import COL, TASK_IDS, ContextFeatures
+from app.core.features import CAT_COL, COL, TASK_IDS, ContextFeatures
 from app.core.text_index import TRIGRAM_MATCH
 
 Scorer = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -38,7 +38,7 @@ def ranking_key(inputs: dict[str, np.ndarray], scores: np.ndarray) -> np.ndarray
     no word with what was typed, teach it that popularity can beat text. The response's
     ``score`` stays the probability."""
     dense = inputs["dense"]
-    if not np.any(inputs["ctx_cat"][:, 0] == TASK_IDS[Task.SEARCH]):
+    if not np.any(inputs["ctx_cat"][:, CAT_COL["task"]] == TASK_IDS[Task.SEARCH]):
         return np.asarray(scores, dtype=np.float64)
     match = (dense[:, COL["fuzzy_overlap"]] > 0) | (
         dense[:, COL["trigram_containment"]] >= TRIGRAM_MATCH
@@ -124,9 +124,9 @@ class Ranker:
             raise InvalidRequest(message, field=field_name) from exc
 
     def user_cluster(self, ctx: Context, level: Personalization) -> int:
-        if level is Personalization.NONE:
-            return 0
-        return self.bundle.features.user_cluster(ctx.user_id)
+        """The cluster the features give this context at ``level`` (a cache key part),
+        without computing the features."""
+        return self.bundle.features.user_cluster(ctx.user_id, level)
 
     def prepare(self, q: RankQuery, ctx: Context | None = None) -> PreparedRequest:
         t0 = time.perf_counter()

@@ -23,9 +23,9 @@ from app.core.features import ContextFeatures, FeatureBuilder
 from app.core.text_index import TRIGRAM_MATCH
 
 NEIGHBOURS_FROM_VECTORS = 100
-# Prequery blend, chosen by the positive-retrieved rate on the synthetic test split
-# (none 0.580; cluster weight 0.3 -> 0.588, 1.0 -> 0.583; user weight 0.5 -> 0.594,
-# 2.0 -> 0.552): a heavy personal term pushes out titles that are popular for a reason.
+# Prequery blend, chosen by the positive-retrieved rate on the synthetic test split (the
+# figures: docs/MODEL.md, "Personalization"): a heavy personal term pushes out titles
+# that are popular for a reason.
 CLUSTER_WEIGHT = 0.3
 USER_WEIGHT = 0.5
 

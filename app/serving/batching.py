@@ -11,10 +11,10 @@ different contexts are concatenated by repeating each request's context rows to 
 candidate count, so the batched inputs have one context row per candidate, exactly the
 layout the model is trained on.
 
-Off by default (``batch_window_ms = 0``): on CPU one request's 300-500 rows already fill
-onnxruntime's matrix kernels. Measured with 16 concurrent 500-candidate requests on the
-2-core dev box: 391 req/s unbatched, 326 req/s with a 1 ms window and 315 req/s with 3 ms
-(4,000-row runs); it is for accelerators or models with a large per-run overhead.
+Off by default (``batch_window_ms = 0``): on CPU one request's few hundred rows already
+fill onnxruntime's matrix kernels; it is for accelerators or models with a large per-run
+overhead. The measurements (on and off, by window and concurrency) are in
+docs/BENCHMARKS.md ("micro-batching" and "Serving options").
 """
 
 from __future__ import annotations
@@ -28,17 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.core.features import INPUT_NAMES
+from app.core.features import CANDIDATE_INPUTS, CONTEXT_INPUTS, one_row_per_candidate
 
 logger = logging.getLogger("unicorn.batching")
 
 Scorer = Callable[[dict[str, np.ndarray]], np.ndarray]
-# Inputs with one row per request context (broadcast by the model); the others have one
-# row per candidate.
-CONTEXT_INPUTS: tuple[str, ...] = ("ctx_cat", "ctx_source", "ctx_tokens", "user_vec")
-CANDIDATE_INPUTS: tuple[str, ...] = tuple(n for n in INPUT_NAMES if n not in CONTEXT_INPUTS)
-if not set(CONTEXT_INPUTS) < set(INPUT_NAMES):
-    raise ImportError(f"batching context inputs {CONTEXT_INPUTS} are not model inputs")
 
 
 class BatchClosed(RuntimeError):
@@ -63,15 +57,9 @@ def concatenate_requests(requests: Sequence[dict[str, np.ndarray]]) -> dict[str,
     """One model input dict for several requests: context rows repeated per candidate."""
     if len(requests) == 1:
         return requests[0]
-    counts = [rows_of(r) for r in requests]
-    batched: dict[str, np.ndarray] = {}
-    for name in CONTEXT_INPUTS:
-        batched[name] = np.concatenate(
-            [np.repeat(r[name], n, axis=0) for r, n in zip(requests, counts, strict=True)]
-        )
-    for name in CANDIDATE_INPUTS:
-        batched[name] = np.concatenate([r[name] for r in requests])
-    return batched
+    for r in requests:
+        rows_of(r)
+    return one_row_per_candidate(requests)
 
 
 @dataclass
