@@ -1,6 +1,7 @@
 # One entry point for a fresh machine (Python 3.11, pip, apt):
 #   make run    set up, build the demo bundle if missing (synthetic data), serve it
 #   make test   set up (virtualenv + redis-server/prometheus via apt), lint, type-check, test
+#   make test-fast  the fast lane: pytest -m 'not slow', no training (under 30 s)
 #   make bench  the latency benchmark (docs/BENCHMARKS.md)
 SHELL := /bin/bash
 PY ?= python3
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-10)
 BUNDLE ?= bundles/demo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv system-deps run serve bundle test lint bench evaluate lock audit faults soak clean
+.PHONY: venv system-deps run serve bundle test test-fast lint bench evaluate lock audit faults soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +42,11 @@ lint: venv
 
 test: venv system-deps lint
 	$(BIN)/pytest -q
+
+# The fast lane (under 30 s on 2 cores): every test not marked slow, on a bundle made without
+# training; UNICORN_TEST_NO_TRAINING makes any test that would train fail instead.
+test-fast: venv system-deps
+	UNICORN_TEST_NO_TRAINING=1 $(BIN)/pytest -q -m "not slow"
 
 # The latency benchmark (docs/BENCHMARKS.md): builds the bundles it lacks (bundles/demo;
 # bundles/ml when ../shared/datasets/ml-latest-small exists; bundles/big, the 1M-user

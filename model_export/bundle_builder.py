@@ -26,9 +26,13 @@ from app.core.bundle import (
     TEXT_INDEX_FILE,
     write_manifest,
 )
+from app.core.catalogue import Catalogue
 from app.core.context import Personalization
+from app.core.feature_tables import FeatureTables
 from app.core.features import DENSE_FEATURES, INPUT_NAMES, MAX_QUERY_TOKENS, TOKEN_BUCKETS
 from app.core.ranking import ranking_key
+from app.core.scoring import OUTPUT_NAME
+from app.core.text_index import TextIndex
 from model_export.dataset import featurise
 from model_export.evaluate import (
     BASELINES,
@@ -112,6 +116,32 @@ def data_summary(prep: Prepared, source: str) -> dict[str, Any]:
     }
 
 
+def write_bundle(
+    out: Path,
+    catalogue: Catalogue,
+    tables: FeatureTables,
+    text: TextIndex,
+    manifest: dict[str, Any],
+) -> Path:
+    """Complete the bundle around ``out/model.onnx`` (exported, or made by any other means):
+    the catalogue, the serving tables, the name index, and the manifest: the input
+    contract the service verifies, then ``manifest`` (``model_version`` and ``vocab`` at
+    least), then the sha256 of every file."""
+    catalogue.save(out / CATALOGUE_FILE)
+    tables.save(out / TABLES_FILE)
+    text.save(out / TEXT_INDEX_FILE)
+    contract: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "inputs": [
+            {"name": n, "dtype": INPUT_SPECS[n][0], "shape": INPUT_SPECS[n][1]} for n in INPUT_NAMES
+        ],
+        "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["candidates"]}],
+        "dense_features": list(DENSE_FEATURES),
+    }
+    write_manifest(out, contract | manifest)
+    return out
+
+
 def build_bundle(
     out: Path,
     source: str = "synthetic",
@@ -156,19 +186,10 @@ def build_bundle(
     parity = check_parity(model, model_path, parity_samples(prep))
     print(f"onnx parity: max |diff| = {parity:.2e}", flush=True)
 
-    catalogue.save(out / CATALOGUE_FILE)
-    prep.serving_tables.save(out / TABLES_FILE)
-    prep.text.save(out / TEXT_INDEX_FILE)
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()[:10]
     manifest: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
         "model_version": f"{source}-s{seed}-{digest}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "inputs": [
-            {"name": n, "dtype": INPUT_SPECS[n][0], "shape": INPUT_SPECS[n][1]} for n in INPUT_NAMES
-        ],
-        "outputs": [{"name": "probability", "dtype": "float32", "shape": ["candidates"]}],
-        "dense_features": list(DENSE_FEATURES),
         "normalisation": {"mean": model.config.dense_mean, "std": model.config.dense_std},
         "vocab": {
             "n_entities": len(catalogue),
@@ -191,7 +212,7 @@ def build_bundle(
         "build_seconds": round(time.perf_counter() - started, 1),
         "platform": platform.platform(),
     }
-    write_manifest(out, manifest)
+    write_bundle(out, catalogue, prep.serving_tables, prep.text, manifest)
     print(f"bundle {out} ({manifest['model_version']}) in {manifest['build_seconds']}s", flush=True)
     print(
         json.dumps(

@@ -1,11 +1,15 @@
 """Shared test fixtures: real parts, started once where they can be shared.
 
-- ``tiny_bundle``: a REAL bundle (synthetic world -> train -> ONNX export -> manifest),
-  built once per session into a temp dir by ``model_export.bundle_builder.build_bundle``
-  (a few seconds). Set ``UNICORN_TEST_TINY_BUNDLE=/path`` to reuse one you built
-  while iterating; it is read before the per-test environment isolation.
-- ``second_bundle`` / ``tampered_bundle``: copies of it with another model version, or
-  with one byte of ``model.onnx`` flipped.
+- ``fast_bundle``: a real, verified bundle made WITHOUT training (``tests/handmade_bundle.py``:
+  a small synthetic world, its feature tables, and a hand-written ONNX graph scoring a
+  fixed weighted sum of features), built once per session in about a second. Every test
+  that needs a bundle to serve, but not a model that learnt anything, uses it.
+- ``tiny_bundle``: a TRAINED bundle (synthetic world -> train -> ONNX export -> manifest),
+  built once per session by ``model_export.bundle_builder.build_bundle``, for what needs
+  a trained model: quality, the manifest's training and evaluation numbers. Set
+  ``UNICORN_TEST_TINY_BUNDLE=/path`` to reuse one you built while iterating.
+- ``second_bundle`` / ``tampered_bundle``: copies of the fast bundle with another model
+  version, or with one byte of ``model.onnx`` flipped.
 - ``redis_server``: a real ``redis-server`` on a free port in a temp dir, which a test can
   kill, restart, pause (SIGSTOP) and resume (SIGCONT); ``DEBUG SLEEP`` is enabled for
   local connections, so a test can also stall it from inside.
@@ -13,9 +17,18 @@
   started and stopped cleanly (after encode/httpx's ``tests/conftest.py``).
 - ``running_app``: ``async with running_app(settings) as (app, client)``, the app
   in-process (httpx ``ASGITransport``) with its lifespan running.
-- ``settings_for(**overrides)``: settings serving the tiny bundle; ``read_metric``: one
-  sample from a ``/metrics`` text; ``free_port_factory``: a free TCP port.
+- ``settings_for(**overrides)``: settings serving the fast bundle (the trained one in a
+  test that also uses ``tiny_bundle``, to compare with it); ``read_metric``: one
+  sample from a ``/metrics`` text; ``free_port_factory``: a free TCP port;
+  ``finish_without_waiting(coroutine)``: its result, failing if it would have waited.
 - Every test runs with the ``UNICORN_*`` and ``PROMETHEUS_MULTIPROC_DIR`` variables removed.
+
+The fast lane is ``pytest -m "not slow"`` (``make test-fast``). A test is marked ``slow``
+here, so that none can forget it, when its fixtures include one of ``SLOW_FIXTURES``
+(training, the real data set) or it is in one of ``SLOW_MODULES``; other slow tests carry
+the mark themselves. With ``UNICORN_TEST_NO_TRAINING=1`` (``make test-fast`` sets it)
+``tiny_bundle`` fails and so does any torch ``backward()``: a fast test that trains is an
+error, not a slow lane.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +52,50 @@ from app.serving.config import Settings
 from loadtest.processes import REDIS, RedisServer, free_port
 
 REUSE_BUNDLE_ENV = "UNICORN_TEST_TINY_BUNDLE"
+NO_TRAINING_ENV = "UNICORN_TEST_NO_TRAINING"
+# Read at import, before the per-test environment isolation removes UNICORN_* variables.
+REUSE_BUNDLE = os.environ.get(REUSE_BUNDLE_ENV)
+NO_TRAINING = os.environ.get(NO_TRAINING_ENV, "") not in ("", "0")
 ADMIN_TOKEN = "test-admin-token-0123456789"
+
+# fixture -> why a test that uses it (directly or through another fixture) is slow
+SLOW_FIXTURES = {
+    "tiny_bundle": "trains a model",
+    "ml_small": "reads the real MovieLens data set",
+}
+# test module -> why all of it is slow (these modules belong to loadtest/'s owners)
+SLOW_MODULES = {
+    "test_faults.py": "fault scenarios under load, on real servers and processes",
+    "test_locust_smoke.py": "Locust drives a live server for seconds",
+}
+
+
+# --- markers ------------------------------------------------------------------------------
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = sorted(set(getattr(item, "fixturenames", ())) & SLOW_FIXTURES.keys())
+        if fixtures:
+            item.add_marker(pytest.mark.slow(reason=SLOW_FIXTURES[fixtures[0]]))
+        elif item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow(reason=SLOW_MODULES[item.path.name]))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not NO_TRAINING:
+        return
+    try:
+        import torch
+    except ImportError:  # no train extra: nothing can train
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(
+            f"{NO_TRAINING_ENV} is set (the fast lane) but a test trains a torch model: "
+            f"use fast_bundle, or mark the test slow"
+        )
+
+    torch.Tensor.backward = refuse  # type: ignore[method-assign]
 
 
 # --- environment --------------------------------------------------------------------------
@@ -58,30 +114,37 @@ def anyio_backend() -> str:
 
 # --- bundles ------------------------------------------------------------------------------
 def _build_tiny_bundle(out: Path) -> Path:
+    from handmade_bundle import WORLD
+
     from model_export.bundle_builder import build_bundle
-    from model_export.synthetic import WorldConfig
     from model_export.train import TrainConfig
 
-    world = WorldConfig(
-        seed=7, n_users=200, n_videos=200, n_games=10, n_genres=6, n_collections=6,
-        n_people=10, n_countries=3, n_clusters=4, search_sessions=200, prequery_sessions=200,
-        more_like_this_sessions=200, entity_sessions=150,
-    )  # fmt: skip
-    # One torch thread: on a shared 2-core box two threads are 10x slower, not 2x faster.
+    # The fast bundle's world, trained. One torch thread: on a shared 2-core box two
+    # threads are 10x slower, not 2x faster.
     train = TrainConfig(epochs=2, progress=False, threads=1)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return build_bundle(
-            out, source="synthetic", quick=True, seed=7, world=world, train_config=train,
+            out, source="synthetic", quick=True, seed=WORLD.seed, world=WORLD, train_config=train,
             eval_per_task=60,
         )  # fmt: skip
 
 
 @pytest.fixture(scope="session")
+def fast_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real bundle made without training (tests/handmade_bundle.py), once per session."""
+    from handmade_bundle import build_handmade_bundle
+
+    return build_handmade_bundle(tmp_path_factory.mktemp("bundles") / "handmade")
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real bundle, built once per session (or reused from $UNICORN_TEST_TINY_BUNDLE)."""
-    reuse = os.environ.get(REUSE_BUNDLE_ENV)
-    if reuse:
-        return Path(reuse)
+    """A trained bundle, built once per session (or reused from $UNICORN_TEST_TINY_BUNDLE).
+    Tests using it are marked slow (``SLOW_FIXTURES``)."""
+    if REUSE_BUNDLE:
+        return Path(REUSE_BUNDLE)
+    if NO_TRAINING:
+        pytest.fail(f"{NO_TRAINING_ENV} is set but the test needs tiny_bundle (training)")
     pytest.importorskip("torch", reason="building a bundle needs the train extra (torch)")
     return _build_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny")
 
@@ -99,16 +162,16 @@ def copy_bundle(source: Path, target: Path, model_version: str | None = None) ->
 
 
 @pytest.fixture(scope="session")
-def second_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny bundle under another model version: what a retrained model looks like."""
-    version = json.loads((tiny_bundle / "manifest.json").read_text())["model_version"]
-    return copy_bundle(tiny_bundle, tmp_path_factory.mktemp("second") / "b", version + "-next")
+def second_bundle(fast_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fast bundle under another model version: what a retrained model looks like."""
+    version = json.loads((fast_bundle / "manifest.json").read_text())["model_version"]
+    return copy_bundle(fast_bundle, tmp_path_factory.mktemp("second") / "b", version + "-next")
 
 
 @pytest.fixture(scope="session")
-def tampered_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny bundle with one byte of model.onnx flipped (checksum no longer matches)."""
-    target = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("tampered") / "t")
+def tampered_bundle(fast_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fast bundle with one byte of model.onnx flipped (checksum no longer matches)."""
+    target = copy_bundle(fast_bundle, tmp_path_factory.mktemp("tampered") / "t")
     model = target / "model.onnx"
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -117,11 +180,19 @@ def tampered_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture
-def settings_for(tiny_bundle: Path) -> Callable[..., Settings]:
-    """``settings_for(**overrides)``: test settings serving the tiny bundle."""
+def served_bundle(request: pytest.FixtureRequest) -> Path:
+    """The bundle ``settings_for`` serves: ``tiny_bundle`` in a test that uses it (it
+    compares what is served with that bundle), the fast bundle everywhere else."""
+    trained = "tiny_bundle" in request.fixturenames
+    return Path(request.getfixturevalue("tiny_bundle" if trained else "fast_bundle"))
+
+
+@pytest.fixture
+def settings_for(served_bundle: Path) -> Callable[..., Settings]:
+    """``settings_for(**overrides)``: test settings serving ``served_bundle``."""
 
     def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"bundle": tiny_bundle, "log_user_salt": "test-salt"}
+        values: dict[str, Any] = {"bundle": served_bundle, "log_user_salt": "test-salt"}
         values.update(overrides)
         return Settings(**values)
 
@@ -145,6 +216,26 @@ def metric_value(text: str, sample: str, **labels: str) -> float:
 def read_metric() -> Callable[..., float]:
     """``read_metric(metrics_text, sample_name, **labels) -> float``."""
     return metric_value
+
+
+# --- asyncio ------------------------------------------------------------------------------
+def _finish_without_waiting(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coroutine`` in ONE step and return its result (or raise its exception); fail
+    if it suspends instead, that is if it would have waited for anything. "It does not
+    wait" without timing it."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise AssertionError(f"{coroutine!r} suspended: it would have waited")
+
+
+@pytest.fixture(scope="session")
+def finish_without_waiting() -> Callable[[Coroutine[Any, Any, Any]], Any]:
+    """``finish_without_waiting(coroutine)``: its result, or an assertion error if it
+    would have waited (suspended)."""
+    return _finish_without_waiting
 
 
 # --- redis --------------------------------------------------------------------------------
@@ -231,7 +322,7 @@ def start_server() -> Iterator[Callable[[Settings], LiveServer]]:
 def live_server(
     start_server: Callable[[Settings], LiveServer], settings_for: Callable[..., Settings]
 ) -> LiveServer:
-    """A live server on the tiny bundle with the in-process cache and an admin token."""
+    """A live server on ``served_bundle`` with the in-process cache and an admin token."""
     return start_server(settings_for(admin_token=ADMIN_TOKEN))
 
 

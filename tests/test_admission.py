@@ -1,10 +1,12 @@
 """Admission control on a real event loop (``app.serving.admission``): first come first served,
-slots handed on at the next turn, refusals, and the fair share of the loop."""
+slots handed on at the next turn, refusals, and the fair share of the loop. Times the
+admission measures come from an injected clock that the tests move, never the wall clock."""
 
 from __future__ import annotations
 
 import asyncio
-import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
@@ -12,6 +14,16 @@ from app.core.errors import Overloaded
 from app.serving.admission import WINDOW_S, Admission
 
 pytestmark = pytest.mark.anyio
+
+FinishWithoutWaiting = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 async def test_slots_are_granted_first_come_first_served() -> None:
@@ -58,42 +70,55 @@ async def test_a_slot_is_handed_on_at_the_next_turn_not_within_the_same_one() ->
     counter.cancel()
 
 
-async def test_a_request_waits_at_most_the_queue_timeout_then_is_refused() -> None:
+async def test_a_request_waits_for_the_queue_timeout_then_is_refused() -> None:
     admission = Admission(1, 0.05)
     await admission.enter()  # held and never left
-    started = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    queued = asyncio.create_task(admission.enter())
+    await asyncio.sleep(0)
+    assert admission.waiting == 1 and not queued.done()  # it waits, it is not refused at once
     with pytest.raises(Overloaded) as info:
-        await admission.enter()
-    assert 0.04 <= time.perf_counter() - started < 1.0
+        await queued
+    assert loop.time() - started >= 0.049  # not before the timeout (a busy box: only later)
     assert "no scoring slot within queue_timeout_ms=50" in info.value.message
     assert "max_in_flight=1" in info.value.message
     assert admission.waiting == 0
 
 
-async def test_a_queue_longer_than_the_timeout_is_refused_at_once() -> None:
+async def test_a_queue_longer_than_the_timeout_is_refused_at_once(
+    finish_without_waiting: FinishWithoutWaiting,
+) -> None:
     """Once grants have been seen to take 30 ms each, a request with three ahead of it
     (120 ms > the 100 ms timeout) is refused without waiting."""
-    admission = Admission(1, 0.1)
+    clock = FakeClock()
+    admission = Admission(1, 0.1, clock=clock)
     await admission.enter()
 
     async def one() -> None:
         await admission.enter()
-        await asyncio.sleep(0.03)  # holds the slot 30 ms
+        clock.now += 0.03  # holds the slot 30 ms
         admission.leave(0.03)
 
     first = [asyncio.create_task(one()) for _ in range(3)]
-    await asyncio.sleep(0.001)
+    await asyncio.sleep(0)
     admission.leave(0.0)
-    await asyncio.gather(*first)  # the queue moved every ~30 ms
+    await asyncio.gather(*first)  # the queue moved every 30 ms
     await admission.enter()  # hold the slot again
     held = [asyncio.create_task(one()) for _ in range(3)]
-    await asyncio.sleep(0.001)
+    await asyncio.sleep(0)
     assert admission.waiting == 3
-    started = time.perf_counter()
     with pytest.raises(Overloaded) as info:
-        await admission.enter()
-    assert time.perf_counter() - started < 0.01
+        finish_without_waiting(admission.enter())
     assert "the requests queued ahead would take longer than" in info.value.message
+    # with two ahead (90 ms) it queues instead
+    held.pop().cancel()
+    await asyncio.sleep(0)
+    assert admission.waiting == 2
+    queued = asyncio.create_task(admission.enter())
+    await asyncio.sleep(0)
+    assert admission.waiting == 3 and not queued.done()
+    held.append(queued)
     for task in held:
         task.cancel()
     await asyncio.gather(*held, return_exceptions=True)
@@ -102,28 +127,34 @@ async def test_a_queue_longer_than_the_timeout_is_refused_at_once() -> None:
 async def test_fair_share_adds_slots_while_other_work_crowds_scoring_out_then_takes_them_back() -> (
     None
 ):
-    """Other work (think: refusing a flood) blocks the loop 8 ms every turn while queued
+    """Other work (think: refusing a flood) takes the loop 8 ms every turn while queued
     requests score 1 ms each: scoring gets far less than half of the loop, so slots are
-    added; once the other work stops and nobody waits, they are taken back."""
+    added; once the other work stops and nobody waits, they are taken back. (The clock
+    is the admission's: the work advances it instead of blocking the loop.)"""
     reported: list[int] = []
-    admission = Admission(2, 5.0, adaptive=True, max_slots=32, on_slots=reported.append)
+    clock = FakeClock()
+    admission = Admission(
+        2, 5.0, adaptive=True, max_slots=32, on_slots=reported.append, clock=clock
+    )
     stop = asyncio.Event()
 
     async def other_work() -> None:
         while not stop.is_set():
-            time.sleep(0.008)
+            clock.now += 0.008
             await asyncio.sleep(0)
 
     async def requester() -> None:
         while not stop.is_set():
             await admission.enter()
-            time.sleep(0.001)
+            clock.now += 0.001
             admission.leave(0.001)
             await asyncio.sleep(0)
 
     tasks = [asyncio.create_task(other_work())]
     tasks += [asyncio.create_task(requester()) for _ in range(40)]
-    await asyncio.sleep(1.0)
+    started = clock.now
+    while clock.now - started < 1.0:  # a second of the loop's time
+        await asyncio.sleep(0)
     grown = admission.slots
     stop.set()
     await asyncio.gather(*tasks)
@@ -131,7 +162,8 @@ async def test_fair_share_adds_slots_while_other_work_crowds_scoring_out_then_ta
     for _ in range(int(2 * grown * 5)):  # one request at a time: nobody waits
         await admission.enter()
         admission.leave(0.001)
-        await asyncio.sleep(WINDOW_S / 5)
+        clock.now += WINDOW_S / 5
+        await asyncio.sleep(0)
         if admission.slots == 2:
             break
     assert admission.slots == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -273,18 +274,24 @@ async def test_redis_down_degrades_then_recovers_by_itself(redis_server: Any) ->
 
 
 @pytest.mark.integration
-async def test_stalled_redis_costs_at_most_the_timeout(redis_server: Any) -> None:
+async def test_stalled_redis_costs_the_timeout_once_then_nothing(
+    redis_server: Any,
+    caplog: pytest.LogCaptureFixture,
+    finish_without_waiting: Callable[[Coroutine[Any, Any, Any]], Any],
+) -> None:
+    """A paused Redis never answers: the first read is cut by the cache timeout (a
+    ``TimeoutError``, not a hang), then the open breaker answers without waiting at all."""
     metrics = ServiceMetrics()
     cache = _redis_cache(redis_server.url, metrics, timeout_seconds=0.05, retry_seconds=60)
     try:
         await cache.set("k", b"v")  # the pool now holds a live connection
         redis_server.pause()
-        started = time.perf_counter()
         assert (await cache.get("k")).outcome == "bypass"
-        assert time.perf_counter() - started < 0.05 + 0.1
-        started = time.perf_counter()
-        assert (await cache.get("k")).outcome == "bypass"  # breaker open: no wait at all
-        assert time.perf_counter() - started < 0.025  # well under the 50 ms timeout
+        assert "cache redis get failed (TimeoutError" in caplog.text
+        assert cache.degraded
+        assert finish_without_waiting(cache.get("k")).outcome == "bypass"
+        assert finish_without_waiting(cache.set("k", b"w")) is False
+        assert _sample(metrics, "unicorn_cache_errors_total", backend="redis", operation="get") == 1
     finally:
         redis_server.resume()
         await cache.close()

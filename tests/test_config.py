@@ -4,6 +4,7 @@ the rule, and the round trip to worker processes."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -12,15 +13,30 @@ from pydantic import SecretStr, ValidationError
 from app.http.server import add_serve_arguments, settings_from_args
 from app.serving.config import Settings
 
+API_DOC = Path(__file__).resolve().parents[1] / "docs" / "API.md"
 
-def test_defaults_are_the_documented_ones() -> None:
-    s = Settings()
-    assert (s.redis_url, s.cache_ttl_seconds, s.cache_max_entries) == (None, 300.0, 50_000)
-    assert (s.cache_timeout_ms, s.ort_intra_op_threads, s.ort_inter_op_threads) == (50.0, 1, 1)
-    assert (s.batch_window_ms, s.max_batch_size, s.max_query_chars) == (0.0, 4096, 200)
-    assert (s.max_candidates, s.max_retrieved, s.max_body_bytes) == (1000, 300, 256 * 1024)
-    assert (s.max_in_flight, s.queue_timeout_ms, s.admin_token) == (4, 100.0, None)
-    assert (s.log_queries, s.log_level, s.cache_backend) == (False, "INFO", "memory")
+
+def documented_settings() -> dict[str, tuple[str, str]]:
+    """``{field: (default, meaning)}`` from the settings table of docs/API.md."""
+    rows = re.findall(r"^\| `UNICORN_(\w+)` \| `([^`]*)` \| (.*) \|$", API_DOC.read_text(), re.M)
+    return {name.lower(): (default, meaning) for name, default, meaning in rows}
+
+
+def test_the_documented_settings_are_the_settings_with_their_defaults() -> None:
+    """docs/API.md lists every setting, with the default the code really has (the first
+    word of the cell; ``unset`` for None) and the field's own description."""
+    documented = documented_settings()
+    undocumented = sorted(set(Settings.model_fields) - set(documented))
+    unknown = sorted(set(documented) - set(Settings.model_fields))
+    assert not undocumented and not unknown, (
+        f"docs/API.md lacks {undocumented} and lists settings that do not exist: {unknown}"
+    )
+    defaults = Settings()  # no UNICORN_* variable is set (tests/conftest.py)
+    for name, (default, meaning) in documented.items():
+        value = getattr(defaults, name)
+        assert default.split(" (")[0] == ("unset" if value is None else str(value)), name
+        assert meaning == Settings.model_fields[name].description, name
+    assert defaults.cache_backend == "memory"  # no Redis URL: the in-process cache
 
 
 def test_environment_variables_use_the_unicorn_prefix(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,8 @@
-"""The evaluation's behavioural checks and the LambdaMART anchor, with hand-built scorers
-(no torch training): typo generation, the relevance guard, the prefix and typo checks, the
-taste check's choice of members, the title/tag split of search queries, LambdaMART on
-hand-made rows, and the report renderer (model_export.evaluate / lambdamart / report)."""
+"""The evaluation's metrics, behavioural checks and the LambdaMART anchor, with hand-built
+scorers (no torch training): NDCG, recall and MRR on known lists, typo generation, the
+relevance guard, the prefix and typo checks, the taste check's choice of members, the
+title/tag split of search queries, LambdaMART on hand-made rows, and the report renderer
+(model_export.evaluate / lambdamart / report)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
+import hand_world
 import numpy as np
 import pytest
 
@@ -23,7 +25,27 @@ from model_export.dataset import FeaturisedRows
 from model_export.engagement_log import EngagementLog
 from model_export.evaluate import System
 from model_export.table_builder import build_feature_tables
-from tests import hand_world
+
+# ---------------------------------------------------------------------- ranking metrics
+
+
+def test_ranking_metrics_on_a_known_list() -> None:
+    ndcg, recall, mrr = evaluate.ranking_metrics(np.array([5, 3, 9]), np.array([3]))
+    assert ndcg == pytest.approx(1 / np.log2(3))
+    assert (recall, mrr) == (1.0, 0.5)
+    ndcg, recall, mrr = evaluate.ranking_metrics(np.array([1, 2]), np.array([1, 2]))
+    assert (ndcg, recall, mrr) == (1.0, 1.0, 1.0)
+    assert evaluate.ranking_metrics(np.array([4, 5]), np.array([9])) == (0.0, 0.0, 0.0)
+    # a positive past the cut-off counts for MRR only
+    ranked = np.arange(20)
+    ndcg, recall, mrr = evaluate.ranking_metrics(ranked, np.array([15]), k=10)
+    assert (ndcg, recall) == (0.0, 0.0) and mrr == pytest.approx(1 / 16)
+
+
+def test_ranking_metrics_need_a_positive() -> None:
+    with pytest.raises(ValueError, match=r"^positives must not be empty$"):
+        evaluate.ranking_metrics(np.array([1]), np.array([], dtype=np.int64))
+
 
 # ------------------------------------------------------------------------------ typos
 

@@ -1,4 +1,6 @@
-"""The UniCoRn network (model_export.model) and its training (model_export.train)."""
+"""The UniCoRn network (model_export.model) and its training (model_export.train), and
+the pre-trained item vectors and clusters (model_export.pretrain). The tests that train
+are marked slow."""
 
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ CONFIG = ModelConfig(
     mlp_width=16,
 )
 FAST = TrainConfig(epochs=2, batch_size=64, seed=3, threads=1, progress=False)
+# Tests that run a torch optimiser (however small) are out of the fast lane, which trains
+# nothing (tests/conftest.py).
+trains = pytest.mark.slow(reason="trains with torch")
 
 
 def context_inputs(rng: np.random.Generator, batch: int = 1) -> dict[str, np.ndarray]:
@@ -204,10 +209,17 @@ def test_residual_block_adds_to_its_input() -> None:
         torch.testing.assert_close(block(h), h)
 
 
-def test_cross_layers_and_blocks_follow_the_config() -> None:
-    model = UniCoRn(replace(CONFIG, n_cross=3, n_res_blocks=1, cross_rank=0))
-    assert len(model.cross) == 3 and len(model.blocks) == 1
-    assert isinstance(model.cross[0].proj, torch.nn.Linear)
+@pytest.mark.parametrize(
+    ("n_cross", "n_res_blocks", "cross_rank"), [(0, 0, 4), (3, 1, 0), (1, 2, 2)]
+)
+def test_every_depth_the_config_allows_scores_every_candidate(
+    n_cross: int, n_res_blocks: int, cross_rank: int
+) -> None:
+    """No cross layer, no residual block, a full-rank cross layer: the config accepts them,
+    so the model built from it must score."""
+    config = replace(CONFIG, n_cross=n_cross, n_res_blocks=n_res_blocks, cross_rank=cross_rank)
+    out = logits(fresh_model(config=config), request(n=5))
+    assert out.shape == (5,) and torch.all(torch.isfinite(out))
 
 
 # ------------------------------------------------------------------------------ config
@@ -271,6 +283,7 @@ def training_rows(n: int = 384, seed: int = 0) -> FeaturisedRows:
     return FeaturisedRows(inputs, label, np.arange(n, dtype=np.int64), np.full(n, "search"))
 
 
+@trains
 def test_training_is_deterministic_given_the_seed() -> None:
     rows = training_rows()
     a, stats_a = train_model(rows, CONFIG, FAST)
@@ -282,6 +295,7 @@ def test_training_is_deterministic_given_the_seed() -> None:
     assert not torch.equal(a.inp.weight, c.inp.weight)
 
 
+@trains
 def test_training_learns_and_leaves_the_callers_config_alone() -> None:
     rows = training_rows()
     model, stats = train_model(rows, CONFIG, replace(FAST, epochs=6, lr=1e-2))
@@ -338,6 +352,7 @@ def two_taste_log(users_per_taste: int = 6) -> EngagementLog:
     return hand_world.make_log(rows)
 
 
+@trains
 def test_item_vectors_are_deterministic_and_shaped() -> None:
     catalogue, log = hand_world.catalogue(), two_taste_log()
     a = train_item_vectors(log, catalogue, dim=4, epochs=3, seed=1)
@@ -347,6 +362,7 @@ def test_item_vectors_are_deterministic_and_shaped() -> None:
     assert not np.array_equal(a, train_item_vectors(log, catalogue, dim=4, epochs=3, seed=2))
 
 
+@trains
 def test_item_vectors_learn_who_plays_what() -> None:
     catalogue = hand_world.catalogue()
     vec = train_item_vectors(two_taste_log(), catalogue, dim=4, epochs=60, seed=1)

@@ -35,6 +35,8 @@ Loaded = tuple[Catalogue, EngagementLog, LoadReport]
 
 @pytest.fixture(scope="module")
 def ml_small() -> Loaded:
+    """The real data set, derived once (seconds): tests using it are marked slow
+    (``SLOW_FIXTURES`` in tests/conftest.py)."""
     if not (ML_SMALL / "ratings.csv").is_file():
         pytest.skip(f"MovieLens data set not found at {ML_SMALL}")
     return load_movielens(ML_SMALL, seed=7)

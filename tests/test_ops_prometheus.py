@@ -32,7 +32,7 @@ from test_ops_static import PROMETHEUS_CONFIG, RULES, dashboard_queries, load_da
 from app.serving.config import Settings
 from loadtest.processes import RedisServer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # Prometheus scrapes for ~10 s
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 RATE_WINDOW = "30s"  # what $__rate_interval stands for: spans both traffic phases

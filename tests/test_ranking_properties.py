@@ -1,5 +1,5 @@
-"""Properties of the WHOLE ranking path (imputation -> retrieval -> features -> the tiny
-bundle's real ONNX model -> top-k) for any request the API would accept (hypothesis):
+"""Properties of the WHOLE ranking path (imputation -> retrieval -> features -> the fast
+bundle's ONNX model -> top-k) for any request the API would accept (hypothesis):
 either a client error (4xx) or a clean top-k: unique entities, finite scores in [0, 1],
 best first, at most ``k``, only known candidates, unknown ones listed, whatever the query
 text (any unicode, empty, at the length limit), the ids (duplicates, unknown, empty list)
@@ -50,7 +50,7 @@ def _ranker(bundle: str) -> Ranker:
     level=st.sampled_from(list(Personalization)),
 )
 def test_any_accepted_request_gets_a_client_error_or_a_clean_top_k(
-    tiny_bundle: Path,
+    fast_bundle: Path,
     task: str,
     user: str | None,
     query: str | None,
@@ -60,7 +60,7 @@ def test_any_accepted_request_gets_a_client_error_or_a_clean_top_k(
     k: int,
     level: Personalization,
 ) -> None:
-    ranker = _ranker(str(tiny_bundle))
+    ranker = _ranker(str(fast_bundle))
     catalogue = ranker.bundle.catalogue
     ids = [str(e) for e in catalogue.entity_id.tolist()]
 

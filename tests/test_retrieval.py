@@ -401,8 +401,9 @@ def test_fuzzy_overlap_counts_tokens_found_exactly_or_within_the_budget(
     exact = text_features(films, "the", "m_god")["m_god"]
     assert d["m_god"]["bm25"] == pytest.approx(exact["bm25"]) and exact["bm25"] > 0
     # the last token as a prefix, with a typo
-    d = text_features(films, "godfah", "m_god")["m_god"]
-    assert d["fuzzy_overlap"] == 1 and d["token_overlap"] == 0 and d["last_token_prefix"] == 0
+    typed = text_features(films, "godfah", "m_god")["m_god"]
+    assert typed["fuzzy_overlap"] == 1 and typed["token_overlap"] == 0
+    assert typed["last_token_prefix"] == 0
     # "hte": too short for a typo
     assert text_features(films, "hte", "m_the")["m_the"]["fuzzy_overlap"] == 0
 

@@ -26,7 +26,7 @@ import pytest
 
 from app.serving.config import Settings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~500 requests from a subprocess
 
 TOKEN = "schema-fuzz-admin-token-0123"
 MAX_EXAMPLES = 100  # per operation and phase: ~500 requests, a few seconds

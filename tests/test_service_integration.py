@@ -1,5 +1,6 @@
 """The service with real parts: uvicorn servers (threads and processes) and a real
-redis-server that the tests kill, restart and pause. Marked ``integration``."""
+redis-server that the tests kill, restart and pause. Marked ``integration``; the tests
+that start server processes are also ``slow``."""
 
 from __future__ import annotations
 
@@ -105,11 +106,15 @@ def test_redis_killed_then_restarted_degrades_and_recovers(
         assert read_metric(client.get("/metrics").text, "unicorn_cache_degraded") == 0
 
 
-def test_paused_redis_costs_at_most_the_cache_timeout(
+def test_paused_redis_is_bypassed_not_waited_for(
     start_server: Callable[[Settings], Any],
     settings_for: Callable[..., Settings],
     redis_server: Any,
+    read_metric: Callable[..., float],
 ) -> None:
+    """Redis accepts the connection but never answers: every request is still scored and
+    answered (bypass) well inside the client's 10 s timeout, which it would not be if
+    the service waited for Redis; ``test_cache.py`` shows the cut is the cache timeout."""
     settings = settings_for(redis_url=redis_server.url, cache_timeout_ms=50,
                             cache_retry_seconds=0.5)  # fmt: skip
     server = start_server(settings)
@@ -117,29 +122,28 @@ def test_paused_redis_costs_at_most_the_cache_timeout(
         _rank(client)  # warm: a pooled connection exists
         redis_server.pause()
         try:
-            for _ in range(3):
-                started = time.perf_counter()
-                body = _rank(client, {**REQUEST, "query": "paused redis"})
-                elapsed = time.perf_counter() - started
-                assert body["cache"] == "bypass"
-                # cache timeout (0.05 s, paid once) + scoring + HTTP on a busy 2-core box
-                assert elapsed < 0.05 + 0.45, elapsed
+            outcomes = [_rank(client, {**REQUEST, "query": "paused redis"})["cache"]
+                        for _ in range(3)]  # fmt: skip
+            metrics = client.get("/metrics").text
         finally:
             redis_server.resume()
+    assert outcomes == ["bypass"] * 3
+    assert read_metric(metrics, "unicorn_cache_errors_total", backend="redis", operation="get") >= 1
+    assert read_metric(metrics, "unicorn_cache_degraded") == 1
 
 
 # --- reload ---------------------------------------------------------------------------------
 def test_reload_to_a_new_bundle_changes_the_model_version(
     start_server: Callable[[Settings], Any],
     settings_for: Callable[..., Settings],
-    tiny_bundle: Path,
+    fast_bundle: Path,
     second_bundle: Path,
     read_metric: Callable[..., float],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     server = start_server(settings_for(admin_token=ADMIN))
-    old, new = _version(tiny_bundle), _version(second_bundle)
+    old, new = _version(fast_bundle), _version(second_bundle)
     with server.client() as client:
         assert _rank(client)["model_version"] == old
         response = client.post("/admin/reload", json={"bundle": str(second_bundle)}, headers=AUTH)
@@ -160,7 +164,7 @@ def test_reload_to_a_new_bundle_changes_the_model_version(
 def test_a_tampered_bundle_is_refused_and_the_old_model_keeps_serving(
     start_server: Callable[[Settings], Any],
     settings_for: Callable[..., Settings],
-    tiny_bundle: Path,
+    fast_bundle: Path,
     tampered_bundle: Path,
     read_metric: Callable[..., float],
 ) -> None:
@@ -171,8 +175,8 @@ def test_a_tampered_bundle_is_refused_and_the_old_model_keeps_serving(
         error = response.json()["error"]
         assert error["code"] == "bundle_refused" and error["field"] == "bundle"
         assert "model.onnx" in error["message"] and "sha256" in error["message"]
-        assert _rank(client)["model_version"] == _version(tiny_bundle)
-        assert client.get("/readyz").json()["model_version"] == _version(tiny_bundle)
+        assert _rank(client)["model_version"] == _version(fast_bundle)
+        assert client.get("/readyz").json()["model_version"] == _version(fast_bundle)
         text = client.get("/metrics").text
         assert read_metric(text, "unicorn_model_reloads_total", result="refused") == 1
         missing = client.post("/admin/reload", json={"bundle": "/no/such/bundle"}, headers=AUTH)
@@ -233,17 +237,18 @@ def _stop(process: subprocess.Popen[str]) -> None:
             process.wait(5)
 
 
+@pytest.mark.slow
 def test_sighup_reloads_the_configured_bundle_path(
-    tiny_bundle: Path, second_bundle: Path, tmp_path: Path, free_port_factory: Callable[[], int]
+    fast_bundle: Path, second_bundle: Path, tmp_path: Path, free_port_factory: Callable[[], int]
 ) -> None:
     current = tmp_path / "current"
-    current.symlink_to(tiny_bundle)
+    current.symlink_to(fast_bundle)
     port = free_port_factory()
     process = _start_process(["--bundle", str(current)], port)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(process, url)
-        assert httpx.get(f"{url}/readyz").json()["model_version"] == _version(tiny_bundle)
+        assert httpx.get(f"{url}/readyz").json()["model_version"] == _version(fast_bundle)
         current.unlink()
         current.symlink_to(second_bundle)  # a deploy swaps the bundle, then signals
         process.send_signal(signal.SIGHUP)
@@ -257,6 +262,7 @@ def test_sighup_reloads_the_configured_bundle_path(
         _stop(process)
 
 
+@pytest.mark.slow
 def test_serve_exits_with_a_clear_message_when_the_bundle_is_refused(
     tampered_bundle: Path, free_port_factory: Callable[[], int]
 ) -> None:
@@ -266,8 +272,9 @@ def test_serve_exits_with_a_clear_message_when_the_bundle_is_refused(
     assert "cannot start" in output and "sha256 does not match" in output
 
 
+@pytest.mark.slow
 def test_several_workers_share_one_metrics_view(
-    tiny_bundle: Path,
+    fast_bundle: Path,
     free_port_factory: Callable[[], int],
     read_metric: Callable[..., float],
     tmp_path: Path,
@@ -276,7 +283,7 @@ def test_several_workers_share_one_metrics_view(
     metrics_dir = tmp_path / "metrics"
     (metrics_dir).mkdir()
     (metrics_dir / "counter_1.db").write_bytes(b"stale values of a previous run")
-    args = ["--bundle", str(tiny_bundle), "--workers", "2"]
+    args = ["--bundle", str(fast_bundle), "--workers", "2"]
     process = _start_process(args, port, {"UNICORN_METRICS_DIR": str(metrics_dir)})
     url = f"http://127.0.0.1:{port}"
     try:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import fields, replace
+from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,6 @@ from app.core.catalogue import Catalogue
 from app.core.context import TASKS, impute_context, normalise_query, tokenize
 from model_export.engagement_log import EngagementLog
 from model_export.synthetic import (
-    COUNTRY_CODES,
     KEYSTROKE_GAP_S,
     SyntheticWorld,
     WorldConfig,
@@ -429,8 +429,10 @@ def test_config_validation_names_the_field_and_rule(
         WorldConfig(**change)  # type: ignore[arg-type]
 
 
-def test_default_config_and_countries() -> None:
-    config = WorldConfig()
-    assert config.countries == ("US", "GB", "DE", "FR", "BR", "JP") == COUNTRY_CODES[:6]
-    assert config.n_entities == 2000 + 100 + 16 + 40 + 120
-    assert {f.name for f in fields(config)} >= {"seed", "n_users", "typo_rate", "span_days"}
+def test_the_config_sizes_are_the_catalogues(world: SyntheticWorld) -> None:
+    c = world.catalogue
+    assert len(c) == SMALL.n_entities and int(c.rankable.sum()) == SMALL.n_rankable
+    assert Counter(c.entity_type.tolist()) == {
+        "video": SMALL.n_videos, "game": SMALL.n_games, "genre": SMALL.n_genres,
+        "collection": SMALL.n_collections, "person": SMALL.n_people,
+    }  # fmt: skip

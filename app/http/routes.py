@@ -230,7 +230,7 @@ async def catalogue_sample(
 ROUTERS = (ranking_router, health_router, metrics_router, admin_router, catalogue_router)
 for _router in ROUTERS:  # HEAD wherever GET exists (probes, caches, curl -I); undocumented
     for _route in list(_router.routes):
-        if isinstance(_route, APIRoute) and "GET" in _route.methods:
+        if isinstance(_route, APIRoute) and "GET" in (_route.methods or ()):
             _router.add_api_route(
                 _route.path.removeprefix(_router.prefix),
                 _route.endpoint,

@@ -46,6 +46,7 @@ class Admission:
         adaptive: bool = False,
         max_slots: int | None = None,
         on_slots: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if slots < 1 or queue_timeout_s < 0:
             raise ValueError(
@@ -56,12 +57,13 @@ class Admission:
         self.queue_timeout_s = queue_timeout_s
         self.slots = slots  # slots now (fair share may add some)
         self._on_slots = on_slots  # told the slot count at start and on every change
+        self._clock = clock  # seconds; measures grant intervals and fair-share windows
         self.waiting = 0  # requests queued for a slot now
         self._semaphore = asyncio.Semaphore(slots)
         self._debt = 0  # slots to take back: hand-offs to skip
         self._granted_at = 0.0  # when a queued request last got a slot
         self._grant_s = 0.0  # moving average of the time between grants to queued requests
-        self._window_start = time.perf_counter()
+        self._window_start = clock()
         self._scored_s = 0.0  # scoring time in the current window
         if on_slots is not None:
             on_slots(slots)
@@ -81,7 +83,7 @@ class Admission:
             raise self._refusal("no scoring slot within") from None
         finally:
             self.waiting -= 1
-        now = time.perf_counter()
+        now = self._clock()
         interval = now - self._granted_at
         self._granted_at = now
         if interval < self.queue_timeout_s:  # the queue was moving, not restarting
@@ -104,7 +106,7 @@ class Admission:
     def _share(self, seconds: float) -> None:
         """Fair share: add slots while scoring is crowded out, take them back after."""
         self._scored_s += seconds
-        now = time.perf_counter()
+        now = self._clock()
         elapsed = now - self._window_start
         if elapsed < WINDOW_S:
             return
