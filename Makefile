@@ -27,12 +27,13 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server prometheus >/dev/null; \
 	fi
 
-$(BUNDLE)/manifest.json: | venv
-	$(BIN)/unicorn build-bundle --source synthetic --out $(BUNDLE)
+# (Re)builds the demo bundle when it is missing or this code would refuse it (an older
+# bundle format, a damaged file): verify_bundle checks the manifest and every file's hash.
+bundle: venv
+	@$(BIN)/python -c "from app.core.bundle import verify_bundle; verify_bundle(__import__('pathlib').Path('$(BUNDLE)'))" 2>/dev/null \
+	  || $(BIN)/unicorn build-bundle --source synthetic --out $(BUNDLE)
 
-bundle: $(BUNDLE)/manifest.json
-
-run: venv $(BUNDLE)/manifest.json
+run: bundle
 	$(BIN)/unicorn serve --bundle $(BUNDLE)
 
 lint: venv
@@ -70,12 +71,12 @@ audit: venv
 	$(BIN)/pip-audit -r requirements.lock --require-hashes --disable-pip --strict --progress-spinner off
 
 # Fault injection under load and the 10-minute soak (docs/RELIABILITY.md).
-faults: venv system-deps $(BUNDLE)/manifest.json
+faults: system-deps bundle
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python -m loadtest.faults --bundle $(BUNDLE) --write docs/RELIABILITY.md
 
-soak: venv system-deps $(BUNDLE)/manifest.json
+soak: system-deps bundle
 	$(BIN)/python -m loadtest.soak --bundle $(BUNDLE) --write docs/RELIABILITY.md
 
 evaluate: venv

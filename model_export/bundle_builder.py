@@ -9,7 +9,6 @@ sha256 of every file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -24,6 +23,7 @@ from app.core.bundle import (
     MODEL_FILE,
     TABLES_FILE,
     TEXT_INDEX_FILE,
+    read_manifest,
     write_manifest,
 )
 from app.core.catalogue import Catalogue
@@ -125,8 +125,8 @@ def write_bundle(
 ) -> Path:
     """Complete the bundle around ``out/model.onnx`` (exported, or made by any other means):
     the catalogue, the serving tables, the name index, and the manifest: the input
-    contract the service verifies, then ``manifest`` (``model_version`` and ``vocab`` at
-    least), then the sha256 of every file."""
+    contract the service verifies, then ``manifest`` (``model_name`` and ``vocab`` at
+    least), then the sha256 of every file and the model version bound to them."""
     catalogue.save(out / CATALOGUE_FILE)
     tables.save(out / TABLES_FILE)
     text.save(out / TEXT_INDEX_FILE)
@@ -186,9 +186,8 @@ def build_bundle(
     parity = check_parity(model, model_path, parity_samples(prep))
     print(f"onnx parity: max |diff| = {parity:.2e}", flush=True)
 
-    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()[:10]
     manifest: dict[str, Any] = {
-        "model_version": f"{source}-s{seed}-{digest}",
+        "model_name": f"{source}-s{seed}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "normalisation": {"mean": model.config.dense_mean, "std": model.config.dense_std},
         "vocab": {
@@ -213,7 +212,8 @@ def build_bundle(
         "platform": platform.platform(),
     }
     write_bundle(out, catalogue, prep.serving_tables, prep.text, manifest)
-    print(f"bundle {out} ({manifest['model_version']}) in {manifest['build_seconds']}s", flush=True)
+    version = read_manifest(out)["model_version"]
+    print(f"bundle {out} ({version}) in {manifest['build_seconds']}s", flush=True)
     print(
         json.dumps(
             {s: {t: round(m["ndcg@10"], 3) for t, m in r.items()} for s, r in metrics.items()},

@@ -149,23 +149,31 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _build_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny")
 
 
-def copy_bundle(source: Path, target: Path, model_version: str | None = None) -> Path:
-    """A copy of ``source``; with ``model_version`` the manifest is rewritten (and re-hashed)."""
-    from app.core.bundle import MANIFEST, write_manifest
+def copy_bundle(source: Path, target: Path, retrained: bool = False) -> Path:
+    """A copy of ``source``. ``retrained``: model.onnx gains a metadata entry (same scores,
+    other bytes) and the manifest is rewritten, so the copy has a model version of its
+    own, as a retrained model would."""
+    from app.core.bundle import MANIFEST, MODEL_FILE, write_manifest
 
     shutil.copytree(source, target)
-    if model_version is not None:
-        manifest = json.loads((target / MANIFEST).read_text())
-        manifest["model_version"] = model_version
-        write_manifest(target, manifest)
+    if retrained:
+        import onnx
+
+        model = onnx.load(target / MODEL_FILE)
+        onnx.helper.set_model_props(model, {"retrained": "1"})
+        onnx.save(model, target / MODEL_FILE)
+        write_manifest(target, json.loads((target / MANIFEST).read_text()))
     return target
+
+
+def model_version(bundle: Path) -> str:
+    return str(json.loads((bundle / "manifest.json").read_text())["model_version"])
 
 
 @pytest.fixture(scope="session")
 def second_bundle(fast_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The fast bundle under another model version: what a retrained model looks like."""
-    version = json.loads((fast_bundle / "manifest.json").read_text())["model_version"]
-    return copy_bundle(fast_bundle, tmp_path_factory.mktemp("second") / "b", version + "-next")
+    """The fast bundle retrained: same scores, another model version."""
+    return copy_bundle(fast_bundle, tmp_path_factory.mktemp("second") / "b", retrained=True)
 
 
 @pytest.fixture(scope="session")

@@ -155,7 +155,41 @@ def test_a_missing_directory_is_refused(tmp_path: Path) -> None:
 
 def test_an_unknown_format_version_is_refused(copy_of: Path) -> None:
     edit_manifest(copy_of, lambda m: m.update(format_version=999))
-    refused(copy_of, r"format_version 999 is not supported \(this service reads 1\)")
+    refused(
+        copy_of, rf"format_version 999 is not supported \(this service reads {FORMAT_VERSION}\)"
+    )
+
+
+def _relabel(bundle: Path, version: str) -> None:
+    """Write ``version`` into the manifest, every file hash kept right (a hand edit)."""
+    manifest = read_manifest(bundle)
+    manifest["model_version"] = version
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_relabelled_model_version_is_refused(copy_of: Path, second_bundle: Path) -> None:
+    """The cache keys on the model version: a bundle calling itself another bundle's
+    version would be served that bundle's cached answers."""
+    _relabel(copy_of, read_manifest(second_bundle)["model_version"])
+    refused(copy_of, r"model_version '.*' is not bound to the bundle's files")
+
+
+def test_a_model_name_edited_without_its_digest_is_refused(copy_of: Path) -> None:
+    manifest = read_manifest(copy_of)
+    manifest["model_name"] = "champion"
+    (copy_of / MANIFEST).write_text(json.dumps(manifest))
+    refused(copy_of, r"it must be model_name \+ their digest: 'champion-[0-9a-f]{12}'")
+
+
+def test_bundles_that_differ_in_one_file_never_share_a_version(
+    fast_bundle: Path, second_bundle: Path
+) -> None:
+    first, second = read_manifest(fast_bundle), read_manifest(second_bundle)
+    assert first["model_name"] == second["model_name"]
+    differing = [n for n in BUNDLE_FILES if first["files"][n] != second["files"][n]]
+    assert differing == [MODEL_FILE]
+    assert first["model_version"] != second["model_version"]
+    assert load_bundle(second_bundle).model_version == second["model_version"]
 
 
 def test_changed_dense_features_are_refused(copy_of: Path) -> None:

@@ -25,7 +25,7 @@ from app.core.scoring import OUTPUT_NAME, OnnxScorer, ScorerOptions
 from app.core.tables import TableError
 from app.core.text_index import TextIndex
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model_version is bound to the files (model_name + content digest)
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 CATALOGUE_FILE = "catalogue.npz"
@@ -60,10 +60,24 @@ class Bundle:
         return str(self.manifest["model_version"])
 
 
+def content_digest(files: dict[str, str]) -> str:
+    """12 hex digits of the sha256 over every bundle file's name and sha256."""
+    lines = "".join(f"{name} {files[name]}\n" for name in sorted(files))
+    return hashlib.sha256(lines.encode()).hexdigest()[:12]
+
+
+def bound_version(model_name: str, files: dict[str, str]) -> str:
+    """The model version: a human label, then the digest of the files it names. Two
+    bundles that differ in any byte never share a version, so never share cache keys."""
+    return f"{model_name}-{content_digest(files)}"
+
+
 def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
-    """Add the sha256 of every bundle file to ``manifest`` and write it."""
+    """Add the sha256 of every bundle file and the model version bound to them
+    (``model_name`` + their digest) to ``manifest`` and write it."""
     manifest = dict(manifest)
     manifest["files"] = {name: sha256_of(bundle_dir / name) for name in BUNDLE_FILES}
+    manifest["model_version"] = bound_version(str(manifest["model_name"]), manifest["files"])
     (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
 
@@ -92,7 +106,7 @@ def verify_bundle(bundle_dir: Path) -> dict[str, Any]:
             f"{FORMAT_VERSION})",
             field="bundle",
         )
-    for key in ("model_version", "files", "dense_features", "inputs"):
+    for key in ("model_name", "model_version", "files", "dense_features", "inputs"):
         if key not in manifest:
             raise BundleError(f"{bundle_dir}: manifest lacks {key!r}", field="bundle")
     files = manifest["files"]
@@ -107,6 +121,14 @@ def verify_bundle(bundle_dir: Path) -> dict[str, Any]:
                 f"{path}: sha256 does not match the manifest (corrupt or tampered file)",
                 field="bundle",
             )
+    expected = bound_version(str(manifest["model_name"]), files)
+    if manifest["model_version"] != expected:
+        raise BundleError(
+            f"{bundle_dir}: model_version {manifest['model_version']!r} is not bound to the "
+            f"bundle's files (it must be model_name + their digest: {expected!r}); a "
+            f"relabelled bundle is refused",
+            field="bundle",
+        )
     inputs, dense = manifest["inputs"], manifest["dense_features"]
     if not isinstance(dense, list) or not isinstance(inputs, list):
         raise BundleError(
