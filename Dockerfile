@@ -32,10 +32,11 @@ ENV PYTHONUNBUFFERED=1 \
 FROM base AS build
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Dependencies first (their layer is reused while only the code changes); every one is a
-# binary wheel for linux/amd64 and linux/arm64, so no compiler is needed even here.
-COPY deploy/docker/requirements.txt /tmp/requirements.txt
-RUN pip install --only-binary=:all: -r /tmp/requirements.txt
+# Dependencies first (their layer is reused while only the code changes): exactly the
+# bytes requirements.lock names (pip refuses any file whose sha256 it does not list);
+# every one is a binary wheel for linux/amd64 and linux/arm64, so no compiler is needed.
+COPY requirements.lock /tmp/requirements.lock
+RUN pip install --require-hashes --only-binary=:all: -r /tmp/requirements.lock
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY model_export ./model_export

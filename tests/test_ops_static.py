@@ -188,8 +188,8 @@ def test_every_target_the_docs_build_exists_and_is_built_on_the_runtime_stage() 
 
 
 def test_the_base_image_and_the_train_stage_are_pinned() -> None:
-    """The serving pins (deploy/docker/requirements.txt) are checked with the lock, in
-    test_dependencies.py; here the rest of what the image build installs."""
+    """The serving install (requirements.lock) is checked in test_dependencies.py; here
+    the rest of what the image build installs."""
     args = dict(a.split("=", 1) for i, a in dockerfile_stages()[""] if i == "ARG")
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", args["PYTHON_IMAGE"])
     project = load_toml(ROOT / "pyproject.toml")["project"]
