@@ -43,7 +43,9 @@ from model_export.evaluate import (
 )
 from model_export.export import check_parity, export_onnx
 from model_export.model import UniCoRn
-from model_export.pipeline import (
+from model_export.skew import SKEW_BOUND, format_report, serving_rows, skew_report, skewed
+from model_export.train import TrainConfig, predict
+from model_export.training_pipeline import (
     PipelineConfig,
     Prepared,
     load_source,
@@ -51,8 +53,6 @@ from model_export.pipeline import (
     train_unicorn,
     training_rows,
 )
-from model_export.skew import SKEW_BOUND, format_report, serving_rows, skew_report, skewed
-from model_export.train import TrainConfig, predict
 
 INPUT_SPECS = {
     "ctx_cat": ("int64", ["ctx_batch", 4]),

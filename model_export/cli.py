@@ -24,7 +24,7 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from app.core.context import TASKS
-    from model_export.pipeline import load_source
+    from model_export.training_pipeline import load_source
 
     started = time.perf_counter()
     catalogue, log = load_source(args.source, args.path, args.seed)

@@ -57,8 +57,14 @@ from model_export.evaluate import (
     typo_check,
 )
 from model_export.lambdamart import LambdaMARTConfig, train_lambdamart
-from model_export.pipeline import PipelineConfig, load_source, prepare, train_unicorn, training_rows
 from model_export.train import TrainConfig
+from model_export.training_pipeline import (
+    PipelineConfig,
+    load_source,
+    prepare,
+    train_unicorn,
+    training_rows,
+)
 
 METRICS = ("ndcg@10", "recall@10", "mrr")
 RECS = ("prequery", "more_like_this", "entity")

@@ -22,7 +22,7 @@ import numpy as np
 from app.core.context import Personalization
 from app.core.features import COL, DENSE_FEATURES
 from model_export.dataset import FeaturisedRows, featurise, impression_groups
-from model_export.pipeline import Prepared
+from model_export.training_pipeline import Prepared
 
 SKEW_BOUND = 0.3  # standardised mean difference above which a feature counts as skewed
 STD_FLOOR = 1e-3

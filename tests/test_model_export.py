@@ -26,9 +26,15 @@ from model_export.bundle_builder import parity_samples
 from model_export.dataset import featurise, impression_groups
 from model_export.export import PARITY_TOLERANCE, ParityError, check_parity, export_onnx
 from model_export.model import UniCoRn
-from model_export.pipeline import PipelineConfig, Prepared, prepare, train_unicorn, training_rows
 from model_export.synthetic import WorldConfig, generate_world
 from model_export.train import TrainConfig, predict
+from model_export.training_pipeline import (
+    PipelineConfig,
+    Prepared,
+    prepare,
+    train_unicorn,
+    training_rows,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -18,10 +18,16 @@ from app.core.ranking import Ranker, RankQuery
 from model_export import evaluate
 from model_export.bundle_builder import baseline_systems, model_systems
 from model_export.dataset import FeaturisedRows
-from model_export.pipeline import PipelineConfig, Prepared, prepare, train_unicorn, training_rows
 from model_export.skew import SKEW_BOUND, serving_rows, skew_report, skewed
 from model_export.synthetic import WorldConfig, generate_world
 from model_export.train import TrainConfig
+from model_export.training_pipeline import (
+    PipelineConfig,
+    Prepared,
+    prepare,
+    train_unicorn,
+    training_rows,
+)
 
 pytestmark = pytest.mark.slow
 
