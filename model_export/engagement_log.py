@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from app.core.context import TASKS
-from app.core.tables import TableError, load_table, save_table
+from app.core.table_io import TableError, load_table, save_table
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from rapidfuzz.distance import OSA
 from app.core.catalogue import COLUMNS as CATALOGUE_COLUMNS
 from app.core.catalogue import Catalogue
 from app.core.context import normalise_query, tokenize
-from app.core.tables import TableError, save_table
+from app.core.table_io import TableError, save_table
 from app.core.text_index import (
     MAX_NAME_TRIGRAMS,
     TRIGRAM_BUCKETS,

@@ -22,7 +22,7 @@ from app.core.feature_tables import FeatureTables
 from app.core.features import DENSE_FEATURES, INPUT_NAMES, FeatureBuilder
 from app.core.retrieval import CandidateRetriever
 from app.core.scoring import OUTPUT_NAME, OnnxScorer, ScorerOptions
-from app.core.tables import TableError
+from app.core.table_io import TableError
 from app.core.text_index import TextIndex
 
 FORMAT_VERSION = 2  # 2: model_version is bound to the files (model_name + content digest)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.core.tables import TableError, load_table, save_table
+from app.core.table_io import TableError, load_table, save_table
 
 RANKABLE_TYPES: tuple[str, ...] = ("video", "game")
 COLUMNS: tuple[str, ...] = (

@@ -15,7 +15,7 @@ import numpy as np
 
 from app.core.catalogue import Catalogue
 from app.core.context import clean_countries
-from app.core.tables import load_table, save_table
+from app.core.table_io import load_table, save_table
 
 
 @dataclass

@@ -26,7 +26,7 @@ from rapidfuzz.distance import OSA
 
 from app.core.catalogue import Catalogue
 from app.core.context import normalise_query, tokenize
-from app.core.tables import load_table, save_table
+from app.core.table_io import load_table, save_table
 
 TRIGRAM_BUCKETS = 1 << 18
 # Word-anchored trigrams of MovieLens ml-latest-small names (9.7k): median 13, 99.9th
