@@ -49,7 +49,9 @@ STAGES: tuple[str, ...] = ("retrieval", "features", "inference", "cache")
 CACHE_OUTCOMES: tuple[str, ...] = ("hit", "miss", "bypass")
 # Every status the service answers (499: the client went away first). Each (route,
 # status) series exists at zero from the start, so that increase() sees a first burst.
-STATUSES: tuple[int, ...] = (200, 400, 401, 403, 404, 405, 409, 413, 415, 422, 431, 499, 500, 503)
+STATUSES: tuple[int, ...] = (
+    200, 400, 401, 403, 404, 405, 408, 409, 413, 414, 415, 422, 431, 499, 500, 503,
+)  # fmt: skip
 
 
 def multiprocess_dir() -> str | None:
