@@ -70,14 +70,16 @@ lock: venv
 audit: venv
 	$(BIN)/pip-audit -r requirements.lock --require-hashes --disable-pip --strict --progress-spinner off
 
-# Fault injection under load and the 10-minute soak (docs/RELIABILITY.md).
+# Fault injection under load and the 10-minute soak (docs/RELIABILITY.md). A part or a short
+# look: FAULTS_ARGS='--only redis_killed --fault-seconds 2', SOAK_ARGS='--minutes 1
+# --warmup-seconds 0' (each still rewrites its block: restore it from git if it was a look).
 faults: system-deps bundle
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
-	$(BIN)/python -m loadtest.faults --bundle $(BUNDLE) --write docs/RELIABILITY.md
+	$(BIN)/python -m loadtest.faults --bundle $(BUNDLE) --write docs/RELIABILITY.md $(FAULTS_ARGS)
 
 soak: system-deps bundle
-	$(BIN)/python -m loadtest.soak --bundle $(BUNDLE) --write docs/RELIABILITY.md
+	$(BIN)/python -m loadtest.soak --bundle $(BUNDLE) --write docs/RELIABILITY.md $(SOAK_ARGS)
 
 evaluate: venv
 	$(BIN)/unicorn evaluate --source synthetic --seeds 7 8 9

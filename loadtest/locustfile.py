@@ -1,35 +1,17 @@
-"""Locust load test of UniCoRn: simulated members using every product surface.
+"""Locust load test of UniCoRn: simulated members using every product surface
+(docs/BENCHMARKS.md, "Locust", describes them). Only Locust and the standard library: the
+compose stack's Locust image runs this file alone.
 
-Members (user classes; weights via ``--search-weight`` etc., or ``LOCUST_SEARCH_WEIGHT``...):
-
-- ``SearchingMember``: types a query one keystroke at a time with human think time; every
-  prefix is a ``POST /rank`` (task ``search``); then may click a result, which opens its
-  title page (``more_like_this`` on the clicked title).
-- ``OpeningMember``: opens the app (``prequery``), then may open a title page from it.
-- ``PageMember``: opens an entity page (genre, collection, person: task ``entity``), then
-  may open a title page from it.
-
-Queries, titles, entity pages and countries come from the SERVED bundle: ``GET
-/catalogue/sample`` at test start (or ``--catalogue-file``, a JSON file of the same
-shape). Member ids come from the sample's ``user_ids`` when the service provides them;
-otherwise each simulated member is a stable anonymous id (cold start, cluster 0).
-
-Requests are reported per task AND cache outcome, e.g. ``/rank search [hit]``,
-``/rank more_like_this [miss]``; a non-2xx answer or a body without items is a failure
-(``/rank search [error]``). Think times are paced from the START of each request, so a
-member's request schedule does not slow down when the service does: with a fixed number
-of users the arrival rate is fixed (an open workload per member, as long as a response
-takes less than the think time). ``--think-scale`` multiplies every think time.
-
-At the end the run prints, and writes to ``--slo-report`` (JSON), per request name: the
-share of requests slower than ``--slo-ms`` (default 25 ms), and the share of one-second
-windows whose p99 exceeded it.
-
-Headless, fixed time, CSV + HTML reports (docs/BENCHMARKS.md, "Locust"):
+Queries, titles, pages, countries (and member ids, when the service gives them) come from
+the served bundle: ``GET /catalogue/sample`` at test start, or ``--catalogue-file``.
+Requests are named per task and cache outcome (``/rank search [hit]``; a failure is
+``/rank search [error]``). Think times are paced from the START of each request, so a
+fixed number of members is a fixed arrival rate. At the end ``--slo-report`` (JSON) gets,
+per request name, Locust's own figures, the share of requests slower than ``--slo-ms`` and
+the share of one-second windows whose p99 exceeded it.
 
     .venv/bin/locust -f loadtest/locustfile.py --headless --host http://127.0.0.1:8000 \\
-        -u 40 -r 10 -t 2m --csv reports/locust --html reports/locust.html \\
-        --slo-report reports/locust_slo.json
+        -u 40 -r 10 -t 2m --csv reports/locust --slo-report reports/locust_slo.json
 """
 
 from __future__ import annotations
@@ -41,7 +23,6 @@ import time
 import urllib.request
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,77 +35,61 @@ READ_RESULTS_S = (1.0, 4.0)  # looking at results before clicking
 BETWEEN_VISITS_S = (2.0, 8.0)  # between two sessions of one member
 CLICK_PROBABILITY = 0.5
 FOUND_IT_PROBABILITY = 0.15  # per keystroke after the 3rd: stop typing, the title is there
-
-
-@dataclass
-class Catalogue:
-    """What members draw from: filled once per process at test start."""
-
-    queries: list[str] = field(default_factory=list)
-    video_ids: list[str] = field(default_factory=list)
-    entity_ids: list[str] = field(default_factory=list)
-    countries: list[str] = field(default_factory=lambda: [""])
-    user_ids: list[str] = field(default_factory=list)
-
-
-CATALOGUE = Catalogue()
+# What members draw from (queries, video_ids, entity_ids, countries, user_ids): filled once
+# per process at test start.
+CATALOGUE: dict[str, list[str]] = {}
+# Response times (ms) of the successful requests per (request name, second): the one thing
+# Locust's statistics do not keep for the whole run.
+SECONDS: dict[tuple[str, int], list[float]] = defaultdict(list)
 
 
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser: Any) -> None:
     group = parser.add_argument_group("UniCoRn members")
-    for name, default in (("search", 6), ("open", 3), ("page", 1)):
-        group.add_argument(
-            f"--{name}-weight",
-            type=int,
-            default=default,
-            env_var=f"LOCUST_{name.upper()}_WEIGHT",
-            help=f"relative number of {name} members (default {default})",
-        )
-    group.add_argument(
-        "--think-scale",
-        type=float,
-        default=1.0,
-        env_var="LOCUST_THINK_SCALE",
-        help="multiply every think time (1 = human pace; 0.05 for smoke tests)",
-    )
-    group.add_argument(
-        "--catalogue-file",
-        default="",
-        env_var="LOCUST_CATALOGUE_FILE",
-        help="JSON with queries/video_ids/entity_ids/countries (default: GET /catalogue/sample)",
-    )
-    group.add_argument("--slo-ms", type=float, default=25.0, env_var="LOCUST_SLO_MS")
-    group.add_argument("--slo-report", default="", env_var="LOCUST_SLO_REPORT")
+    for name, weight in (("search", 6), ("open", 3), ("page", 1)):
+        group.add_argument(f"--{name}-weight", type=int, default=weight,
+                           env_var=f"LOCUST_{name.upper()}_WEIGHT",
+                           help=f"relative number of {name} members")  # fmt: skip
+    for name, kind, default, text in (
+        ("think-scale", float, 1.0, "multiply every think time (1 = human pace)"),
+        ("catalogue-file", str, "", "JSON shaped like GET /catalogue/sample (default: ask)"),
+        ("slo-ms", float, 25.0, "the latency of the SLO report"),
+        ("slo-report", str, "", "where to write the SLO report (JSON)"),
+    ):
+        env_var = "LOCUST_" + name.upper().replace("-", "_")
+        group.add_argument(f"--{name}", type=kind, default=default, env_var=env_var, help=text)
+
+
+def _option(environment: Environment, name: str, default: Any) -> Any:
+    return getattr(environment.parsed_options, name, default)
 
 
 @events.init.add_listener
 def _configure(environment: Environment, **_kwargs: Any) -> None:
-    _ENVIRONMENT[:] = [environment]
-    options = environment.parsed_options
-    if options is None:
-        return
-    SearchingMember.weight = options.search_weight
-    OpeningMember.weight = options.open_weight
-    PageMember.weight = options.page_weight
+    SearchingMember.weight = _option(environment, "search_weight", SearchingMember.weight)
+    OpeningMember.weight = _option(environment, "open_weight", OpeningMember.weight)
+    PageMember.weight = _option(environment, "page_weight", PageMember.weight)
+
+    @events.spawning_complete.add_listener
+    def _reset_after_ramp_up(**_kwargs: Any) -> None:
+        """With ``--reset-stats`` Locust forgets the ramp-up; so do the windows."""
+        if _option(environment, "reset_stats", False):
+            SECONDS.clear()
 
 
 @events.test_start.add_listener
 def _load_catalogue(environment: Environment, **_kwargs: Any) -> None:
-    options = environment.parsed_options
-    path = getattr(options, "catalogue_file", "") if options else ""
+    path = _option(environment, "catalogue_file", "")
     if path:
         sample = json.loads(Path(path).read_text())
     else:
         url = f"{environment.host}/catalogue/sample?n={SAMPLE_SIZE}&seed={random.randrange(2**31)}"
         with urllib.request.urlopen(url, timeout=30) as resp:
             sample = json.loads(resp.read())
-    CATALOGUE.queries = [q for q in sample.get("queries", []) if q.strip()]
-    CATALOGUE.video_ids = list(sample.get("video_ids", []))
-    CATALOGUE.entity_ids = list(sample.get("entity_ids", []))
-    CATALOGUE.countries = list(sample.get("countries", [])) or [""]
-    CATALOGUE.user_ids = list(sample.get("user_ids", []))
-    if not CATALOGUE.queries or not CATALOGUE.video_ids:
+    for key in ("queries", "video_ids", "entity_ids", "countries", "user_ids"):
+        CATALOGUE[key] = [str(v) for v in sample.get(key, []) if str(v).strip() or key != "queries"]
+    CATALOGUE["countries"] = CATALOGUE["countries"] or [""]
+    if not CATALOGUE["queries"] or not CATALOGUE["video_ids"]:
         raise RuntimeError(f"the catalogue sample has no queries or titles: {sorted(sample)}")
 
 
@@ -134,28 +99,21 @@ class Member(FastHttpUser):
     abstract = True
 
     def on_start(self) -> None:
-        self.user_id = (
-            random.choice(CATALOGUE.user_ids)
-            if CATALOGUE.user_ids
-            else f"m-{uuid.uuid4().hex[:12]}"
-        )
-        self.country = random.choice(CATALOGUE.countries)
-        options = self.environment.parsed_options
-        self.think_scale = float(getattr(options, "think_scale", 1.0)) if options else 1.0
+        users = CATALOGUE["user_ids"]
+        self.user_id = random.choice(users) if users else f"m-{uuid.uuid4().hex[:12]}"
+        self.country = random.choice(CATALOGUE["countries"])
+        self.think_scale = float(_option(self.environment, "think_scale", 1.0))
 
     def wait_time(self) -> float:
         return random.uniform(*BETWEEN_VISITS_S) * self.think_scale
 
     def pause(self, bounds: tuple[float, float], since: float) -> None:
         """Think for a random time counted from ``since`` (the start of the last request)."""
-        wait = random.uniform(*bounds) * self.think_scale - (time.perf_counter() - since)
-        if wait > 0:
-            self._sleep(wait)
-
-    def _sleep(self, seconds: float) -> None:
         import gevent
 
-        gevent.sleep(seconds)
+        wait = random.uniform(*bounds) * self.think_scale - (time.perf_counter() - since)
+        if wait > 0:
+            gevent.sleep(wait)
 
     def rank(self, body: dict[str, Any]) -> list[dict[str, Any]]:
         """POST /rank; reported as ``/rank <task> [<cache outcome>]``; returns the items."""
@@ -174,12 +132,17 @@ class Member(FastHttpUser):
             resp.success()
             return list(data["items"])
 
-    def title_page(self, items: list[dict[str, Any]]) -> None:
-        """Maybe click one of ``items``: its title page ranks similar titles."""
-        if not items or random.random() > CLICK_PROBABILITY:
-            return
-        clicked = random.choice(items[:10])
-        self.rank({"task": "more_like_this", "source_entity_id": clicked["entity_id"]})
+    def visit(self, body: dict[str, Any]) -> None:
+        """One ranked page, read, then maybe a click on one of its items: the clicked
+        title's page ranks similar titles."""
+        started = time.perf_counter()
+        self.page(self.rank(body), started)
+
+    def page(self, items: list[dict[str, Any]], started: float) -> None:
+        self.pause(READ_RESULTS_S, started)
+        if items and random.random() <= CLICK_PROBABILITY:
+            clicked = random.choice(items[:10])
+            self.rank({"task": "more_like_this", "source_entity_id": clicked["entity_id"]})
 
 
 class SearchingMember(Member):
@@ -187,23 +150,20 @@ class SearchingMember(Member):
 
     @task
     def search_session(self) -> None:
-        query = random.choice(CATALOGUE.queries)
+        query = random.choice(CATALOGUE["queries"])
         # Sample queries include prefixes: type towards the longest query it begins.
-        longer = [q for q in CATALOGUE.queries if q.startswith(query)]
-        query = max(longer, key=len) if longer else query
+        query = max((q for q in CATALOGUE["queries"] if q.startswith(query)), key=len)
         items: list[dict[str, Any]] = []
         started = time.perf_counter()
         for typed in range(1, len(query) + 1):
             if typed > 1:
                 self.pause(KEYSTROKE_S, started)
             started = time.perf_counter()
-            prefix = query[:typed]
-            if prefix.strip():
-                items = self.rank({"task": "search", "query": prefix})
+            if query[:typed].strip():
+                items = self.rank({"task": "search", "query": query[:typed]})
             if typed >= 3 and random.random() < FOUND_IT_PROBABILITY:
                 break
-        self.pause(READ_RESULTS_S, started)
-        self.title_page(items)
+        self.page(items, started)
 
 
 class OpeningMember(Member):
@@ -211,10 +171,7 @@ class OpeningMember(Member):
 
     @task
     def open_app(self) -> None:
-        started = time.perf_counter()
-        items = self.rank({"task": "prequery"})
-        self.pause(READ_RESULTS_S, started)
-        self.title_page(items)
+        self.visit({"task": "prequery"})
 
 
 class PageMember(Member):
@@ -222,98 +179,50 @@ class PageMember(Member):
 
     @task
     def entity_page(self) -> None:
-        if not CATALOGUE.entity_ids:  # a bundle without page entities: browse a title
-            started = time.perf_counter()
-            items = self.rank(
-                {"task": "more_like_this", "source_entity_id": random.choice(CATALOGUE.video_ids)}
-            )
-        else:
-            started = time.perf_counter()
-            items = self.rank(
-                {"task": "entity", "source_entity_id": random.choice(CATALOGUE.entity_ids)}
-            )
-        self.pause(READ_RESULTS_S, started)
-        self.title_page(items)
+        pages = CATALOGUE["entity_ids"]  # without page entities: browse a title
+        source = random.choice(pages or CATALOGUE["video_ids"])
+        self.visit({"task": "entity" if pages else "more_like_this", "source_entity_id": source})
 
 
 # --- SLO report -------------------------------------------------------------------------------
-class SloTracker:
-    """Per request name: response times, and per-second windows of them."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, list[float]] = defaultdict(list)
-        self.windows: dict[tuple[str, int], list[float]] = defaultdict(list)
-
-    def record(self, name: str, ms: float) -> None:
-        second = int(time.time())
-        for key in (name, "Aggregated"):
-            self.times[key].append(ms)
-            self.windows[(key, second)].append(ms)
-
-    def summary(self, slo_ms: float) -> dict[str, dict[str, float]]:
-        out: dict[str, dict[str, float]] = {}
-        for name, times in sorted(self.times.items()):
-            ordered = sorted(times)
-            windows = [w for (n, _), w in self.windows.items() if n == name]
-            over = sum(1 for w in windows if _p99(sorted(w)) > slo_ms)
-            out[name] = {
-                "requests": len(times),
-                "p50_ms": _percentile(ordered, 50),
-                "p99_ms": _percentile(ordered, 99),
-                "share_over_slo": sum(1 for t in times if t > slo_ms) / len(times),
-                "seconds": len(windows),
-                "share_of_seconds_p99_over_slo": over / len(windows) if windows else 0.0,
-            }
-        return out
-
-
-def _percentile(ordered: list[float], pct: float) -> float:
-    if not ordered:
-        return math.nan
-    return ordered[min(len(ordered) - 1, math.ceil(pct / 100 * len(ordered)) - 1)]
-
-
-def _p99(ordered: list[float]) -> float:
-    return _percentile(ordered, 99)
-
-
-SLO = SloTracker()
-
-
-@events.spawning_complete.add_listener
-def _reset_after_ramp_up(**_kwargs: Any) -> None:
-    """With ``--reset-stats`` Locust forgets the ramp-up; so does the SLO report."""
-    environment = _ENVIRONMENT[0] if _ENVIRONMENT else None
-    options = environment.parsed_options if environment is not None else None
-    if options is not None and getattr(options, "reset_stats", False):
-        SLO.times.clear()
-        SLO.windows.clear()
-
-
-_ENVIRONMENT: list[Environment] = []
-
-
 @events.request.add_listener
-def _on_request(name: str, response_time: float, exception: Any, **_kwargs: Any) -> None:
+def _per_second(name: str, response_time: float, exception: Any, **_kwargs: Any) -> None:
     if exception is None:
-        SLO.record(name, float(response_time))
+        for key in (name, "Aggregated"):
+            SECONDS[key, int(time.time())].append(float(response_time))
+
+
+def _p99(times: list[float]) -> float:
+    ordered = sorted(times)
+    return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+def slo_summary(environment: Environment, slo_ms: float) -> dict[str, dict[str, float]]:
+    """Per request name: Locust's own statistics, and the shares over ``slo_ms``."""
+    stats = environment.stats
+    out: dict[str, dict[str, float]] = {}
+    for e in [*sorted(stats.entries.values(), key=lambda e: e.name), stats.total]:
+        if not e.num_requests:
+            continue
+        windows = [_p99(w) for (n, _), w in SECONDS.items() if n == e.name]
+        slower = sum(count for ms, count in e.response_times.items() if ms > slo_ms)
+        out[e.name] = {
+            "requests": e.num_requests, "rps": e.total_rps, "failures": e.num_failures,
+            "p50_ms": float(e.get_response_time_percentile(0.5) or 0),
+            "p99_ms": float(e.get_response_time_percentile(0.99) or 0),
+            "share_over_slo": slower / e.num_requests,
+            "share_of_seconds_p99_over_slo": sum(p > slo_ms for p in windows) / (len(windows) or 1),
+        }  # fmt: skip
+    return out
 
 
 @events.quitting.add_listener
 def _report_slo(environment: Environment, **_kwargs: Any) -> None:
-    options = environment.parsed_options
-    slo_ms = float(getattr(options, "slo_ms", 25.0)) if options else 25.0
-    summary = SLO.summary(slo_ms)
-    if not summary:
-        return
-    print(f"\nSLO {slo_ms:g} ms per request name:")
-    print(f"{'name':<34} {'requests':>8} {'p50':>7} {'p99':>7} {'>SLO':>7} {'s p99>SLO':>10}")
-    for name, s in summary.items():
-        print(
-            f"{name:<34} {s['requests']:>8.0f} {s['p50_ms']:>7.1f} {s['p99_ms']:>7.1f} "
-            f"{s['share_over_slo']:>7.2%} {s['share_of_seconds_p99_over_slo']:>10.2%}"
-        )
-    path = getattr(options, "slo_report", "") if options else ""
+    slo_ms, path = (
+        float(_option(environment, "slo_ms", 25.0)),
+        _option(environment, "slo_report", ""),
+    )
     if path:
+        report = {"slo_ms": slo_ms, "names": slo_summary(environment, slo_ms)}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({"slo_ms": slo_ms, "names": summary}, indent=1))
+        Path(path).write_text(json.dumps(report, indent=1))

@@ -1,7 +1,7 @@
 """Faults under continuous load, with real processes: a real redis-server that is down at
 start, killed, restarted and stalled (SIGSTOP, ``DEBUG SLEEP``); model reloads between two
 models that score differently; damaged bundles at reload and at start; a killed worker;
-load above capacity. Every load is ``loadtest.faults.LoadRunner`` (open loop, a fixed
+load above capacity. Every load is ``loadtest.open_loop.LoadRunner`` (open loop, a fixed
 rate of mixed ``/rank`` requests), so "zero failed requests" means every request sent
 while the fault was on got a 200 (and, where it says so, the right answer).
 
@@ -17,10 +17,8 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,19 +28,10 @@ import httpx
 import pytest
 
 from app.serving.config import Settings
-from loadtest.faults import (
-    LoadRunner,
-    Sample,
-    ServiceProcess,
-    damaged_bundles,
-    metric,
-    mixed_bodies,
-    one_model_check,
-    reference_answers,
-    shift_model_scores,
-    summarise,
-    wait_until,
-)
+from loadtest.faults import damaged_bundles, one_model_check, reference_answers, shift_model_scores
+from loadtest.open_loop import LoadRunner, Sample, summarise
+from loadtest.processes import ServiceProcess, metric, wait_until
+from loadtest.request_bodies import mixed_bodies
 
 pytestmark = pytest.mark.integration
 
@@ -149,22 +138,6 @@ def test_redis_killed_under_load_fails_no_request_and_recovers_in_one_breaker_pe
     assert errors_after == errors_at_restart, "a stale pooled connection failed after recovery"
 
 
-def _debug_sleep(port: int, seconds: float) -> threading.Thread:
-    """``DEBUG SLEEP`` on a thread: Redis itself stalls; the reply comes when it ends."""
-
-    def call() -> None:
-        with socket.create_connection(("127.0.0.1", port), timeout=seconds + 10) as sock:
-            sock.sendall(
-                f"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n${len(f'{seconds:g}')}\r\n"
-                f"{seconds:g}\r\n".encode()
-            )
-            assert sock.recv(64).startswith(b"+OK")
-
-    thread = threading.Thread(target=call, daemon=True)
-    thread.start()
-    return thread
-
-
 @pytest.mark.parametrize("stall", ["sigstop", "debug_sleep"])
 def test_a_stalled_redis_costs_at_most_the_cache_timeout_under_load(
     server_for: Callable[..., Any],
@@ -186,7 +159,7 @@ def test_a_stalled_redis_costs_at_most_the_cache_timeout_under_load(
         if stall == "sigstop":
             redis_server.pause()
         else:
-            sleeper = _debug_sleep(redis_server.port, stall_s)
+            sleeper = redis_server.debug_sleep(stall_s)  # Redis itself stalls
         try:
             wait_until(lambda: _cache_state(client) == "degraded", stall_s / 2)
             errors_during = metric(client.get("/metrics").text, "unicorn_cache_errors_total")

@@ -8,7 +8,18 @@ and a keyed hash of the user id. Never the raw user id; the query text only when
 ``log_queries`` is on (its length otherwise).
 
 ``AccessLogMiddleware`` is pure ASGI (no response buffering) and also counts
-``unicorn_responses_total{route,status}``.
+``unicorn_responses_total{route,status}``. A status is what the client got: when the
+connection layer (``app.http.protocol``) answered a request itself while its route ran
+(a body that timed out, 408, or broke the chunked encoding, 400) or the client went away
+before the answer started, that is the request's status (``set_connection_outcome``; a
+client gone is 499, never a 500). What the connection layer refuses before any route runs
+(a head too large, a head that timed out, a connection over the cap) is counted and
+logged by ``ConnectionRefusals`` with route ``unmatched``; the middleware shares it with
+the connection layer through the lifespan state.
+
+``RateLimitFilter`` keeps log lines that clients can cause in bulk (asyncio's accept
+errors at the descriptor limit, uvicorn's warnings about requests it refuses) to a few
+per interval; ``configure_logging`` installs it.
 """
 
 from __future__ import annotations
@@ -23,16 +34,42 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.serving.metrics import ServiceMetrics
 
 ACCESS_LOGGER = "unicorn.access"
+CONNECTIONS_LOGGER = "unicorn.connections"
 REQUEST_ID_HEADER = "x-request-id"
 STATE_KEY = "unicorn_access"
+# Lifespan state: the app's ``ConnectionRefusals``; request state: the connection layer's
+# (status, reason) for the request (``set_connection_outcome``).
+REFUSALS_KEY = "unicorn_connection_refusals"
+OUTCOME_KEY = "unicorn_connection_outcome"
+CLIENT_GONE = 499  # the client closed the connection before its answer started
+# Loggers clients can flood, and the beginnings of the messages to rate-limit there
+# (None: every message).
+FLOODABLE: dict[str, tuple[str, ...] | None] = {
+    "asyncio": (
+        "socket.accept() out of system resource",  # at the descriptor limit, per accept
+        "socket.send() raised exception.",  # writes to connections the client reset
+        "Fatal read error on socket transport",
+        "Error on transport creation for incoming connection",
+    ),
+    CONNECTIONS_LOGGER: None,  # connections refused over the cap
+    "uvicorn.error": (
+        "Invalid HTTP request received.",
+        "Unsupported upgrade request.",
+        "No supported WebSocket library detected.",
+        "Exceeded concurrency limit.",
+    ),
+}
+RATE_LIMIT_INTERVAL_S = 10.0
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 access_logger = logging.getLogger(ACCESS_LOGGER)
+connections_logger = logging.getLogger(CONNECTIONS_LOGGER)
 
 
 @dataclass
@@ -105,6 +142,39 @@ def _request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
+def set_connection_outcome(scope: Scope, status: int, reason: str) -> None:
+    """The connection layer answered (or lost) the request of ``scope`` itself: record
+    ``status`` for it, whatever its route answers (the first outcome set stands)."""
+    state = scope.get("state")
+    if isinstance(state, dict):
+        state.setdefault(OUTCOME_KEY, (status, reason))
+
+
+class ConnectionRefusals:
+    """Counts and logs what the connection layer answers before any route runs: an
+    access line per refused request; connections refused over the cap (nothing read,
+    thousands a second in a flood) are a rate-limited warning instead."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
+    def refused(self, status: int, reason: str) -> None:
+        self.metrics.responses.labels("unmatched", str(status)).inc()
+        record = AccessRecord(uuid.uuid4().hex, "-", "-", status=status, error=reason)
+        access_logger.info("access", extra={"access": record.as_log()})
+
+    def over_cap(self, status: int, reason: str) -> None:
+        self.metrics.responses.labels("unmatched", str(status)).inc()
+        connections_logger.warning("connection refused: %s", reason)
+
+
+def connection_refusals(lifespan_state: dict[str, Any]) -> ConnectionRefusals | None:
+    """The app's ``ConnectionRefusals`` in uvicorn's lifespan state (None before the
+    lifespan started, or without one)."""
+    refusals = lifespan_state.get(REFUSALS_KEY)
+    return refusals if isinstance(refusals, ConnectionRefusals) else None
+
+
 class AccessLogMiddleware:
     """Request id in and out, one JSON access-log line, response counter by route/status."""
 
@@ -112,9 +182,13 @@ class AccessLogMiddleware:
         self.app = app
         self.metrics = metrics
         self.known_paths = known_paths
+        self.refusals = ConnectionRefusals(metrics)  # every series exists: init_routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            state = scope.get("state")
+            if scope["type"] == "lifespan" and isinstance(state, dict):
+                state[REFUSALS_KEY] = self.refusals  # uvicorn hands this to each connection
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -130,10 +204,18 @@ class AccessLogMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
-        except BaseException:
-            record.status = record.status or 500
+        except BaseException as exc:
+            record.status = record.status or (
+                CLIENT_GONE if isinstance(exc, ClientDisconnect) else 500
+            )
             raise
         finally:
+            outcome = scope["state"].get(OUTCOME_KEY)
+            if outcome is not None:  # what the client got (or did not wait for)
+                record.status, reason = outcome
+                record.error = record.error or reason
+            # Every response starts (uvicorn sends a 500 for an app that started none).
+            record.status = record.status or 500
             record.latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
             route = scope.get("route")
             path = getattr(route, "path", None)
@@ -162,8 +244,42 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class RateLimitFilter(logging.Filter):
+    """At most one record per message per ``interval_s`` (the messages that begin with
+    one of ``prefixes``, or every message when it is None); the next one let through says
+    how many were dropped meanwhile. A message is its template's first line (asyncio's
+    name the socket on a second line)."""
+
+    def __init__(
+        self, prefixes: tuple[str, ...] | None = None, interval_s: float = RATE_LIMIT_INTERVAL_S
+    ) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+        self.interval_s = interval_s
+        self._seen: dict[str, tuple[float, int]] = {}  # message -> (last emitted, dropped)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        template = str(record.msg)
+        if self.prefixes is not None and not template.startswith(self.prefixes):
+            return True
+        key = template.split("\n", 1)[0][:200]
+        now = time.monotonic()
+        last, dropped = self._seen.get(key, (-self.interval_s, 0))
+        if now - last < self.interval_s:
+            self._seen[key] = (last, dropped + 1)
+            return False
+        if len(self._seen) > 1000:  # messages are templates; this only bounds a bug
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if dropped:
+            note = f" ({dropped} more like it in the last {now - last:.0f} s were not logged)"
+            record.msg = template + note
+        return True
+
+
 def configure_logging(level: str | int) -> None:
-    """JSON lines on stderr for the service and uvicorn loggers (called by ``serve``)."""
+    """JSON lines on stderr for the service and uvicorn loggers (called by ``serve``), with
+    the lines clients can cause in bulk rate-limited (``RateLimitFilter``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
@@ -172,3 +288,8 @@ def configure_logging(level: str | int) -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    for name, prefixes in FLOODABLE.items():
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, RateLimitFilter)]:
+            logger.removeFilter(old)
+        logger.addFilter(RateLimitFilter(prefixes))

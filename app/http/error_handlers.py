@@ -1,5 +1,7 @@
 """One mapping from every error to the JSON error shape ``{"error": {code, message,
-field}}``; never a bare 500 page. ``install_error_handlers`` registers it on an app."""
+field}}``; never a bare 500 page. ``install_error_handlers`` registers it on an app.
+(What uvicorn refuses before the app runs gets the same shape from
+``app.http.protocol``.)"""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.core.errors import Overloaded, Unauthorized, UnicornError
-from app.http.access_log import access_record
+from app.http.access_log import CLIENT_GONE, access_record
 from app.http.routes import JsonResponse
 from app.http.schemas import error_body
 
@@ -80,6 +83,17 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body(codes.get(exc.status_code, "http_error"), str(exc.detail)),
             status_code=exc.status_code,
             headers=exc.headers,
+        )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_disconnect(_request: Request, _exc: ClientDisconnect) -> JsonResponse:
+        # The client went away while its body was read: its own outcome (499, counted and
+        # logged by the access-log middleware), no traceback; a 500 means a server fault.
+        # Nobody reads this answer. Handled here rather than by the catch-all below,
+        # which starlette's ServerErrorMiddleware would also re-raise to uvicorn.
+        return JsonResponse(
+            error_body("client_disconnected", "the client closed the connection"),
+            status_code=CLIENT_GONE,
         )
 
     @app.exception_handler(Exception)

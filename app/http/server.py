@@ -1,5 +1,6 @@
 """``unicorn serve``: run the service with uvicorn (httptools; the stdlib asyncio loop by
-default, uvloop with ``--event-loop uvloop``).
+default, uvloop with ``--event-loop uvloop``), behind the connection limits of
+``app.http.protocol`` (head size, read deadlines, connections per worker, JSON refusals).
 
     unicorn serve --bundle bundles/demo --port 8000 --workers 2 --redis-url redis://...
     python -m app.http.server --bundle bundles/demo          # the same without the CLI
@@ -50,7 +51,17 @@ SERVE_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--queue-timeout-ms", "queue_timeout_ms", float, "wait for a scoring slot, then 503"),
     ("--log-queries", "log_queries", bool, "write raw query text to access logs"),
     ("--no-cache", "cache_enabled", bool, "score every request (no result cache)"),
+    ("--max-header-bytes", "max_header_bytes", int, "largest request line + headers, then 431"),
+    ("--max-url-bytes", "max_url_bytes", int, "longest request target, then 414"),
+    ("--header-timeout-s", "header_timeout_s", float, "read deadline of a request's head"),
+    ("--body-timeout-s", "body_timeout_s", float, "read deadline of a body, after the head"),
+    ("--max-connections", "max_connections", int, "open connections per worker, then 503"),
 )
+# Descriptors a serving process needs besides its connections: the bundle files, the
+# Redis pool, metrics files, logs, the event loop's own (256), and the connections asyncio
+# accepts in one go before those over the cap are closed (uvicorn's backlog, 2048). At
+# the descriptor limit, asyncio's accept loop fails and logs ~20,000 times a second.
+FD_RESERVE = 256 + 2048
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,10 +103,12 @@ def create_worker_app() -> Any:
     worker does not inherit (without it, access lines and every INFO line were lost)."""
     from uvicorn.importer import import_from_string
 
+    from app.http import protocol
     from app.http.access_log import configure_logging
 
     settings = Settings()
     configure_logging(settings.log_level)
+    protocol.configure(protocol.ConnectionLimits.from_settings(settings))
     return import_from_string(os.environ.get(WORKER_FACTORY_ENV, DEFAULT_FACTORY))(settings)
 
 
@@ -130,8 +143,11 @@ def run(
     """Serve until SIGINT/SIGTERM. Exits with a message when the bundle is refused.
 
     ``app_factory`` ("module:function", called with the settings) lets a benchmark serve
-    the same stack with an extra route; ``http`` exists to measure what httptools buys
-    (``auto`` is used when it is not installed). The event loop is ``settings.event_loop``.
+    the same stack with an extra route; ``http`` (``httptools`` or ``h11``) exists to
+    measure what httptools buys. Either runs with the connection limits of
+    ``app.http.protocol`` (head size, read deadlines, connection cap, JSON refusals);
+    WebSocket upgrades are off (the service has no WebSocket route). The event loop is
+    ``settings.event_loop``.
     """
     # One BLAS thread per process, set before numpy is first imported (app.core.bundle below):
     # with a pool per worker, a mat-vec over a large catalogue fights the event loop for
@@ -143,6 +159,7 @@ def run(
 
     from app.core.bundle import verify_bundle
     from app.core.errors import BundleError
+    from app.http import protocol
     from app.http.access_log import configure_logging
 
     configure_logging(settings.log_level)
@@ -150,11 +167,15 @@ def run(
         verify_bundle(settings.bundle)
     except BundleError as exc:
         raise SystemExit(f"unicorn serve: cannot start: {exc.message}") from None
+    protocol.configure(protocol.ConnectionLimits.from_settings(settings))  # workers: again
+    _ensure_descriptors(settings.max_connections + FD_RESERVE)
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "loop": settings.event_loop if _importable(settings.event_loop) else "auto",
-        "http": http if http == "h11" or _importable(http) else "auto",
+        "http": protocol.protocol_class(http),
+        "ws": "none",
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
         "log_config": None,  # keep the JSON logging configured above
         "access_log": False,  # app.http.access_log writes structured access lines
         "lifespan": "on",
@@ -186,6 +207,34 @@ def _run_workers(config: Any) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     Multiprocess(config, sockets=[sock]).run()
+
+
+def _ensure_descriptors(needed: int) -> None:
+    """Raise this process's soft descriptor limit to ``needed`` where the hard limit
+    allows (workers inherit it), so the connection cap is reached before the descriptor
+    limit; warn when it cannot be."""
+    import logging
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft < needed:
+        logging.getLogger("unicorn.serve").warning(
+            "the descriptor limit (%d) is below max_connections + %d (%d): connections "
+            "may exhaust it before the cap refuses them; lower max_connections or raise "
+            "ulimit -n",
+            soft,
+            FD_RESERVE,
+            needed,
+        )
 
 
 def serve_from_args(args: argparse.Namespace) -> int:

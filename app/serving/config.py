@@ -68,6 +68,43 @@ class Settings(BaseSettings):
         default=256 * 1024, ge=1024, description="Largest request body; larger gets 413."
     )
 
+    # --- connections ----------------------------------------------------------------------
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="Largest request line + headers; larger gets 431 and the connection is "
+        "closed (browsers and HTTP clients send well under 16 KiB).",
+    )
+    max_url_bytes: int = Field(
+        default=8 * 1024,
+        ge=256,
+        le=1024 * 1024,
+        description="Longest request target (path and query); longer gets 414.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        le=3600.0,
+        description="A request's line and headers must arrive within this (from the "
+        "connection's start, or the request's first byte), else 408 and the connection "
+        "is closed.",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=3600.0,
+        description="A request's body must arrive within this after its headers, else 408 "
+        "and the connection is closed.",
+    )
+    max_connections: int = Field(
+        default=512,
+        ge=1,
+        le=1_000_000,
+        description="Open connections per worker process; one more is answered 503 at once "
+        "and closed, before anything is read.",
+    )
+
     # --- admission control ----------------------------------------------------------------
     max_in_flight: int = Field(
         default=INLINE_SLOTS,
@@ -117,13 +154,15 @@ class Settings(BaseSettings):
         default=50.0,
         gt=0.0,
         le=10_000.0,
-        description="Redis connect/socket timeout: a stalled Redis costs a request at most this.",
+        description="Deadline of one Redis call, a reconnect included: a stalled Redis costs a "
+        "request at most this (twice when the event loop itself was that late).",
     )
     cache_retry_seconds: float = Field(
         default=5.0,
         gt=0.0,
         le=3600.0,
-        description="Circuit breaker: after a Redis error skip Redis this long, then retry.",
+        description="Circuit breaker: once open, skip Redis this long, then let one request "
+        "retry it.",
     )
     cache_max_connections: int = Field(default=64, ge=1, le=10_000, description="Redis pool size.")
 
@@ -200,6 +239,15 @@ class Settings(BaseSettings):
                 return data  # the field validator names the bad batch_window_ms
             data = {**data, "max_in_flight": BATCHING_SLOTS if batching else INLINE_SLOTS}
         return data
+
+    @model_validator(mode="after")
+    def _check_url_fits_headers(self) -> Settings:
+        if self.max_url_bytes > self.max_header_bytes:
+            raise ValueError(
+                f"max_url_bytes ({self.max_url_bytes}) must be <= max_header_bytes "
+                f"({self.max_header_bytes}): the request line is part of the head"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_batch_fits_requests(self) -> Settings:

@@ -1,0 +1,505 @@
+"""The HTTP connection layer: uvicorn's protocols with the limits a public port needs.
+
+uvicorn (0.54) reads a request head of any size (httptools buffers a 200 MiB header
+whole, concatenating it piece by piece: 44 s of CPU and ~400 MiB of RSS, measured), waits
+for a head or a body forever, accepts connections until the descriptor limit, and answers
+the requests it refuses itself in ``text/plain``. ``ServiceHttpToolsProtocol`` (what
+``unicorn serve`` runs) and ``ServiceH11Protocol`` (``run(http="h11")``) add, per
+connection:
+
+- a bounded head: the request line and headers together at most ``max_header_bytes``
+  (431), the request target at most ``max_url_bytes`` (414), at most ``MAX_HEADER_COUNT``
+  header lines (431). httptools bytes are counted in ``data_received`` as they arrive,
+  so an endless header is refused after one read past the limit; at most
+  ``MAX_PIPELINED`` requests queued on a connection (httptools; h11 reads one at a time);
+- read deadlines: the head must arrive within ``header_timeout_s`` (from the connection's
+  start for its first request, from the first byte for later ones; an idle keep-alive
+  connection is uvicorn's ``timeout_keep_alive``), the body within ``body_timeout_s``
+  after the head; a connection past either gets a 408 and is closed (a connection that
+  sent nothing at all is closed without an answer);
+- a cap of ``max_connections`` open connections per process: one past it is answered
+  503 at once, before anything is read, and closed, so descriptors and buffers stay
+  bounded whatever clients do (uvicorn's ``limit_concurrency`` counts connections too,
+  but only refuses a request once its head has been read, in text/plain, and keeps every
+  connection open meanwhile);
+- every refusal in the service's JSON error shape (``app.http.schemas.error_body``),
+  with ``Connection: close``.
+
+What is refused before a route runs is counted in ``unicorn_responses_total`` with route
+``unmatched`` and has an access-log line (``app.http.access_log.ConnectionRefusals``,
+which the access-log middleware shares through the lifespan state). What is refused
+while a route runs (a body that times out or breaks the chunked encoding) is recorded
+as that request's status by the access-log middleware (``set_connection_outcome``), as
+is a client that went away before its answer (499).
+
+Deadlines cost one ``loop.time()`` per phase on the normal path: a connection holds at
+most one timer, which fires no later than ``min(header_timeout_s, body_timeout_s)`` after
+it was set and re-arms itself only while a read is pending, so no timer is created or
+cancelled per request.
+
+The limits are process-wide (``configure``): ``app.http.server`` sets them from the
+settings before uvicorn starts, and in each worker process before it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import h11
+import httptools
+import orjson
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app.http.access_log import connection_refusals, set_connection_outcome
+from app.http.schemas import error_body
+from app.serving.config import Settings
+
+# Header lines per request (Apache's LimitRequestFields); a real client sends 5-30.
+MAX_HEADER_COUNT = 100
+# Requests queued behind the one being answered on a connection (HTTP/1.1 pipelining;
+# browsers do not pipeline). httptools parses a whole read at once: 256 KiB of pipelined
+# GETs queued 7,700 requests (2.5 KiB each) per connection, and 20 such connections took
+# a process from 117 to 497 MiB. Past it the connection is closed (no answer: it would
+# arrive before the answers to the requests queued ahead of it).
+MAX_PIPELINED = 32
+# Request line and per-header separators a parsed head does not keep (method, version,
+# ": ", CRLFs): added to the parsed sizes when a head is measured exactly.
+_HEAD_OVERHEAD = 32
+_HEADER_OVERHEAD = 4
+
+_IDLE, _HEAD, _BODY = 0, 1, 2
+_QUOTED_INPUT = re.compile(r": (?:bytearray\(|b['\"])")
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one connection may take; the defaults are the settings' defaults."""
+
+    max_header_bytes: int = 32 * 1024
+    max_url_bytes: int = 8 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 512
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionLimits:
+        return cls(
+            max_header_bytes=settings.max_header_bytes,
+            max_url_bytes=settings.max_url_bytes,
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            max_connections=settings.max_connections,
+        )
+
+
+def configure(limits: ConnectionLimits) -> None:
+    """Set the limits of every connection this process accepts from now on."""
+    _ConnectionGuard.limits = limits
+
+
+def protocol_class(http_impl: str) -> type[asyncio.Protocol]:
+    """The guarded protocol for ``http_impl``: ``h11``, else httptools."""
+    return ServiceH11Protocol if http_impl == "h11" else ServiceHttpToolsProtocol
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...] = (),
+) -> bytes:
+    """A whole HTTP/1.1 response in the JSON error shape that closes the connection."""
+    body = orjson.dumps(error_body(code, message, field))
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _phrase(status))]
+    lines += [b"%s: %s\r\n" % (name, value) for name, value in headers]
+    lines.append(
+        b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        % len(body)
+    )
+    lines.append(body)
+    return b"".join(lines)
+
+
+def _head_too_large(max_head: int) -> tuple[int, str, str, str]:
+    """(status, code, message, field) of a head over the limits."""
+    message = (
+        f"request line and headers must be at most {max_head} bytes and "
+        f"{MAX_HEADER_COUNT} header lines"
+    )
+    return 431, "headers_too_large", message, "headers"
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing and refuse the request (``answer``:
+    with a response; else the connection is only closed)."""
+
+    def __init__(
+        self, status: int, code: str, message: str, field: str | None, answer: bool = True
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.answer = answer
+
+
+class _ConnectionGuard:
+    """The limits shared by both protocols (a mixin over uvicorn's; see the module doc).
+
+    A subclass tracks its read phase (``_HEAD`` from the connection's start or a
+    message's first byte to its complete head, ``_BODY`` from there to the end of the
+    message, ``_IDLE`` otherwise) with ``_arm`` / ``_disarm``, and says which request's
+    route is running (``_request_cycle``)."""
+
+    limits: ClassVar[ConnectionLimits] = ConnectionLimits()
+
+    # uvicorn's attributes this mixin uses (set by its protocols' __init__ and
+    # connection_made).
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    server_state: Any
+    connections: set[Any]
+    app_state: dict[str, Any]
+    cycle: Any
+
+    def _init_guard(self) -> None:
+        limits = self.limits
+        self._max_head = limits.max_header_bytes
+        self._max_url = limits.max_url_bytes
+        self._header_timeout = limits.header_timeout_s
+        self._body_timeout = limits.body_timeout_s
+        self._tick = min(limits.header_timeout_s, limits.body_timeout_s)
+        self._phase = _IDLE
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._received = False  # any byte on this connection yet
+        self._refused = False
+
+    # --- connection cap ---------------------------------------------------------------
+    def _over_cap(self) -> bool:
+        """After uvicorn registered the connection: refuse it when it is one too many."""
+        if len(self.connections) <= self.limits.max_connections:
+            return False
+        cap = self.limits.max_connections
+        self._refuse(
+            503,
+            "overloaded",
+            f"too many open connections (at most {cap} per process); retry",
+            None,
+            extra_headers=((b"retry-after", b"1"),),
+            over_cap=True,
+        )
+        return True
+
+    # --- deadlines ----------------------------------------------------------------------
+    def _arm(self, phase: int, timeout: float) -> None:
+        self._phase = phase
+        now = self.loop.time()
+        self._deadline = now + timeout
+        if self._timer is None:
+            # At most one tick ahead: a deadline armed later is never before this timer.
+            self._timer = self.loop.call_at(now + self._tick, self._on_timer)
+
+    def _disarm(self) -> None:
+        self._phase = _IDLE
+
+    def _stop_timer(self) -> None:
+        self._phase = _IDLE
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._phase == _IDLE or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if now < self._deadline:
+            self._timer = self.loop.call_at(min(self._deadline, now + self._tick), self._on_timer)
+            return
+        if self._phase == _HEAD:
+            if not self._received:  # connected and said nothing: nothing to answer
+                self._stop_timer()
+                self.transport.close()
+                return
+            self._refuse(
+                408,
+                "request_timeout",
+                f"request headers not received within {self._header_timeout:g} s",
+                None,
+            )
+        else:
+            cycle = self._request_cycle()
+            if cycle is None:  # answered already (e.g. refused early), body still coming
+                self._stop_timer()
+                self.transport.close()
+                return
+            self._refuse(
+                408,
+                "request_timeout",
+                f"request body not received within {self._body_timeout:g} s",
+                "body",
+            )
+
+    # --- refusals -------------------------------------------------------------------------
+    def _request_cycle(self) -> Any:
+        """The cycle of the request whose route runs and whose body is being read, if
+        any (its answer is not complete)."""
+        raise NotImplementedError
+
+    def _refuse(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None,
+        extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+        over_cap: bool = False,
+        answer: bool = True,
+    ) -> None:
+        """Answer ``status`` in the JSON shape (when nothing else is being answered on
+        this connection, and ``answer``), record it, and close the connection."""
+        if self._refused:
+            return
+        self._refused = True
+        cycle = self._request_cycle()  # before the phase is reset
+        self._stop_timer()
+        if cycle is not None:
+            # A route is reading this request: the client gets this answer if the
+            # route has not started its own, and the access log records it as the
+            # request's status.
+            set_connection_outcome(cycle.scope, status, message)
+            if answer and not cycle.response_started:
+                self._write_refusal(status, code, message, field, extra_headers)
+        else:
+            # As uvicorn does, also when an earlier (pipelined) request is still being
+            # answered, unless its answer is half written.
+            previous = self.cycle
+            if answer and (
+                previous is None or previous.response_complete or not previous.response_started
+            ):
+                self._write_refusal(status, code, message, field, extra_headers)
+            refusals = connection_refusals(self.app_state)
+            if refusals is not None:
+                (refusals.over_cap if over_cap else refusals.refused)(status, message)
+        self.transport.close()
+
+    def _write_refusal(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None,
+        extra_headers: tuple[tuple[bytes, bytes], ...],
+    ) -> None:
+        headers = [*self.server_state.default_headers, *extra_headers]
+        self.transport.write(error_response(status, code, message, field, headers))
+
+    def _refuse_malformed(self, detail: str | None) -> None:
+        message = f"invalid HTTP request: {detail}" if detail else "invalid HTTP request"
+        self._refuse(400, "malformed_request", message, None)
+
+    def _client_gone(self) -> None:
+        """``connection_lost`` before uvicorn's: a request whose answer had not started
+        ends as 499 (unless it was refused here first)."""
+        self._stop_timer()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started and not self._refused:
+            set_connection_outcome(cycle.scope, 499, "client closed the connection")
+
+
+class ServiceHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):
+    """uvicorn's httptools protocol with the connection limits (module doc)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_guard()
+        self._counting = True  # bytes are head bytes: before a message's head is complete
+        self._head_bytes = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if not self._over_cap():
+            self._arm(_HEAD, self._header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client_gone()
+        super().connection_lost(exc)
+
+    def _request_cycle(self) -> Any:
+        cycle = self.cycle
+        if self._phase == _BODY and cycle is not None and not cycle.response_complete:
+            return cycle
+        return None
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        self._received = True
+        if self._counting:
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self._stop_timer()
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError as exc:
+            refused = exc.__context__
+            if isinstance(refused, _Refused):
+                self._refuse(
+                    refused.status,
+                    refused.code,
+                    refused.message,
+                    refused.field,
+                    answer=refused.answer,
+                )
+            else:
+                callback = isinstance(exc, httptools.HttpParserCallbackError)
+                self._refuse_malformed(None if callback else str(exc))
+            return
+        if (
+            self._counting
+            and self._head_bytes  # 0 once a whole message was read: nothing to check
+            and (
+                self._head_bytes > self._max_head
+                or (self.headers is not None and len(self.headers) > MAX_HEADER_COUNT)
+            )
+        ):
+            self._refuse(*_head_too_large(self._max_head))
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse_malformed(None)
+
+    # Parser callbacks
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._phase != _HEAD:  # the first request's deadline runs from the connection
+            self._arm(_HEAD, self._header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self._max_url:
+            raise _Refused(
+                414, "url_too_long", f"request target must be at most {self._max_url} bytes", "url"
+            )
+
+    def on_headers_complete(self) -> None:
+        if len(self.headers) > MAX_HEADER_COUNT or (
+            # Bytes counted in this read may include the body: measure the head itself.
+            self._head_bytes > self._max_head
+            and len(self.url)
+            + sum(len(n) + len(v) + _HEADER_OVERHEAD for n, v in self.headers)
+            + _HEAD_OVERHEAD
+            > self._max_head
+        ):
+            raise _Refused(*_head_too_large(self._max_head))
+        if len(self.pipeline) >= MAX_PIPELINED:
+            raise _Refused(
+                400,
+                "malformed_request",
+                f"more than {MAX_PIPELINED} pipelined requests",
+                None,
+                answer=False,
+            )
+        self._counting = False
+        self._head_bytes = 0
+        self._arm(_BODY, self._body_timeout)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._phase = _IDLE  # _disarm, inline: this runs per request
+        self._counting = True
+        super().on_message_complete()
+
+
+class _GuardedH11Connection(h11.Connection):
+    """h11's connection, which keeps the error it raised (for the status it hints) and
+    bounds the request target and the header count."""
+
+    max_target_bytes = ConnectionLimits.max_url_bytes
+    last_error: h11.RemoteProtocolError | None = None
+
+    def next_event(self) -> Any:
+        try:
+            event = super().next_event()
+        except h11.RemoteProtocolError as exc:
+            self.last_error = exc
+            raise
+        if type(event) is h11.Request:
+            if len(event.target) > self.max_target_bytes:
+                self.last_error = h11.RemoteProtocolError(
+                    f"request target must be at most {self.max_target_bytes} bytes",
+                    error_status_hint=414,
+                )
+                raise self.last_error
+            if len(event.headers) > MAX_HEADER_COUNT:
+                self.last_error = h11.RemoteProtocolError("too many headers", 431)
+                raise self.last_error
+        return event
+
+
+class ServiceH11Protocol(_ConnectionGuard, H11Protocol):
+    """uvicorn's h11 protocol with the connection limits (module doc). h11 bounds the
+    head itself (``max_incomplete_event_size`` = ``max_header_bytes``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_guard()
+        self._guarded = _GuardedH11Connection(h11.SERVER, self._max_head)
+        self._guarded.max_target_bytes = self._max_url
+        self.conn = self._guarded
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if not self._over_cap():
+            self._arm(_HEAD, self._header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client_gone()
+        super().connection_lost(exc)
+
+    def _request_cycle(self) -> Any:
+        cycle = self.cycle  # h11 reads no further request until this one is answered
+        return cycle if cycle is not None and not cycle.response_complete else None
+
+    def data_received(self, data: bytes) -> None:
+        self._received = True
+        super().data_received(data)
+        if self._refused:
+            return
+        state = self.conn.their_state
+        if state is h11.SEND_BODY:
+            if self._phase != _BODY:
+                self._arm(_BODY, self._body_timeout)
+        elif state is h11.IDLE:
+            if self._phase != _HEAD:  # part of a head has arrived
+                self._arm(_HEAD, self._header_timeout)
+        else:
+            self._disarm()
+
+    def send_400_response(self, msg: str) -> None:
+        error = self._guarded.last_error
+        status = error.error_status_hint if error is not None else 400
+        if status == 431:
+            self._refuse(*_head_too_large(self._max_head))
+        elif status == 414:
+            self._refuse(414, "url_too_long", str(error), "url")
+        else:
+            # h11 quotes the offending bytes (``illegal request line: bytearray(b'...')``):
+            # answer the rule, not the client's bytes.
+            detail = _QUOTED_INPUT.split(str(error), 1)[0][:200] if error is not None else None
+            self._refuse_malformed(detail)

@@ -1,0 +1,410 @@
+"""The benchmark's results and their report: the generated block of docs/BENCHMARKS.md,
+one function per section (``render``), and the targets table, one function per target."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loadtest.markdown import table
+
+CANDIDATE_COUNTS = (100, 500, 1000)
+TARGET_N = 500
+NAN = float("nan")
+Rows = list[list[object]]
+
+
+@dataclass
+class HttpRow:
+    bundle: str
+    n: int
+    task: str
+    case: str  # miss | hit | floor B
+    backend: str
+    workers: int
+    conc: int
+    p50: float
+    p99: float
+    rps: float
+    errors: int
+    wrk_cpu: float
+    server_cpu: float
+    purity: float  # fraction of requests with the intended cache outcome (nan: n/a)
+    candidates: float  # mean candidates scored (nan when nothing was scored)
+    outcomes: dict[str, float] = field(default_factory=dict)  # cache outcome counts
+    extra: dict[str, Any] = field(default_factory=dict)  # CPU split; option and value
+
+
+@dataclass
+class Results:
+    started: str
+    command: str
+    machine: dict[str, Any]
+    log: list[str] = field(default_factory=list)
+    inprocess: list[dict[str, Any]] = field(default_factory=list)
+    sessions: dict[str, dict[int, Any]] = field(default_factory=dict)
+    http: list[HttpRow] = field(default_factory=list)
+    rss: list[dict[str, Any]] = field(default_factory=list)
+    serialisation: dict[str, float] = field(default_factory=dict)
+    scale: list[dict[str, Any]] = field(default_factory=list)
+    bundle_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def grid(self, at_target: bool = True) -> list[HttpRow]:
+        """The HTTP cells that are not option measurements, at (or off) ``TARGET_N``."""
+        return [r for r in self.http if "option" not in r.extra and (r.n == TARGET_N) == at_target]
+
+    def options(self, name: str | None = None) -> list[HttpRow]:
+        return [r for r in self.http if "option" in r.extra and name in (None, r.extra["option"])]
+
+
+def load_results(path: Path) -> Results:
+    """``Results`` from the JSON ``loadtest/bench.py`` writes (to re-render a report)."""
+    raw = json.loads(path.read_text())
+    raw["http"] = [HttpRow(**row) for row in raw["http"]]
+    raw["sessions"] = {k: {int(n): d for n, d in v.items()} for k, v in raw["sessions"].items()}
+    return Results(**raw)
+
+
+def pick(obj: Any, names: str) -> list[object]:
+    """The attributes (or keys, of a dict) ``names`` of ``obj``."""
+    return [obj[n] if isinstance(obj, dict) else getattr(obj, n) for n in names.split()]
+
+
+def cpu_text(r: HttpRow) -> str:
+    """Server CPU (cores), with the split per worker when there are several."""
+    per = r.extra.get("worker_cpu") or []
+    split = f" ({' + '.join(f'{x:.2f}' for x in per)})" if len(per) > 1 else ""
+    return f"{r.server_cpu:.2f}{split}"
+
+
+def purity_text(r: HttpRow) -> str:
+    others = ", ".join(f"{k} {v:.0f}" for k, v in r.outcomes.items() if v and k != r.case)
+    if r.purity != r.purity:
+        return "-"
+    return f"{r.purity:.3f}" + (f" ({others})" if r.purity < 0.99 else "")
+
+
+def cands(r: HttpRow) -> object:
+    return "-" if r.candidates != r.candidates else round(r.candidates)
+
+
+def hit_ratios(grid: list[HttpRow], conc: int = 0) -> list[tuple[float, HttpRow, HttpRow]]:
+    """``(hit req/s / Floor B req/s, hit cell, Floor B cell)`` of the cache-hit cells (at
+    ``conc``; 0 = all), against the Floor B cell of the same bundle, workers and conc."""
+    floors = {(f.bundle, f.workers, f.conc): f for f in grid if f.case == "floor B"}
+    hits = [r for r in grid if r.case == "hit" and conc in (0, r.conc)]
+    return [(r.rps / f.rps, r, f) for r in hits if (f := floors.get((r.bundle, r.workers, r.conc)))]
+
+
+# --- sections ------------------------------------------------------------------------------
+def section_header(res: Results, _: int) -> str:
+    m, others = res.machine, [r.extra["other_cpu"] for r in res.http if "other_cpu" in r.extra]
+    text = (
+        f"Generated {res.started} by\n\n    {res.command}\n\n"
+        f"in {res.seconds / 60:.1f} min on {m['cpu']} ({m['cores']} cores, shared and noisy: "
+        f"load average {m['load_at_start'][0]:.1f} at the start, "
+        f"{m.get('load_at_end', (NAN,))[0]:.1f} at the end), Python {m['python']}, "
+        f"onnxruntime {m['onnxruntime']}, numpy {m['numpy']}, {m['wrk']}. Latencies in ms; "
+        f"every ratio compares numbers measured in this same run."
+    )
+    if others:
+        text += (
+            f" Other processes on the machine kept {statistics.median(others):.2f} cores busy "
+            f"during the median HTTP cell (max {max(others):.2f}): the service had what was "
+            f"left of the 2 cores."
+        )
+    notes = "".join(f"\n- {line}" for line in res.log)
+    return text + (f"\n\nNotes from the run:\n{notes}" if notes else "")
+
+
+def section_bundles(res: Results, _: int) -> str:
+    keys = "bundle model_version entities rankable users_in_tables queries model_mb"
+    headers = "bundle|model|entities|rankable|users (tables)|queries|model MiB"
+    return "### Bundles\n\n" + table(headers, [pick(b, keys) for b in res.bundle_info.values()])
+
+
+def section_inprocess(res: Results, _: int) -> str:
+    rows = [
+        [*pick(r, "bundle n task"), round(r["candidates"]),
+         *pick(r, "floor_p50 floor_p99 path_p50 path_p99"), f"{r['ratio']:.2f}x",
+         *pick(r, "impute_p50 retrieval_p50 features_p50 score_p50 topk_p50")]
+        for r in res.inprocess
+    ]  # fmt: skip
+    headers = ("bundle|N|task|cands|floor A p50|floor A p99|path p50|path p99|path/floor p50"
+               "|impute|retrieval|features|score|top-k")  # fmt: skip
+    return (
+        "### 1-2. Floor A (onnxruntime run) and the in-process ranking path\n\n"
+        "Floor A and the path are timed on the same requests, alternately. Stages are "
+        "p50s: impute = context imputation; retrieval = context features + candidate "
+        "retrieval; features = candidate features; score = `OnnxScorer.score` (Floor A "
+        "plus feed building); top-k = `Ranker.finish`.\n\n" + table(headers, rows, 3)
+    )
+
+
+def section_sessions(res: Results, _: int) -> str:
+    base = next(iter(res.sessions.values()))
+    rows = [
+        [name, *(x for n in CANDIDATE_COUNTS
+                 for x in (d[n]["p50"], d[n]["p99"], f"{d[n]['p50'] / base[n]['p50']:.2f}x"))]
+        for name, d in res.sessions.items()
+    ]  # fmt: skip
+    headers = ["session options"]
+    for n in CANDIDATE_COUNTS:
+        headers += [f"N={n} p50", f"N={n} p99", "vs default"]
+    return (
+        "### onnxruntime session options (bundle demo, search inputs, configs interleaved)\n\n"
+        + table(headers, rows, 3)
+    )
+
+
+def section_http(res: Results, seconds_per_cell: int) -> str:
+    rows = [
+        [*pick(r, "bundle task case backend workers conc p50 p99"), round(r.rps), r.errors,
+         r.wrk_cpu, cpu_text(r), r.extra.get("redis_cpu", 0.0) or "-",
+         r.extra.get("other_cpu", NAN), purity_text(r), cands(r)]
+        for r in res.grid()
+    ]  # fmt: skip
+    ratios = [
+        [*pick(r, "bundle task backend workers conc"), round(r.rps), round(f.rps), f"{x:.0%}"]
+        for x, r, f in hit_ratios(res.grid())
+    ]
+    headers = ("bundle|task|case|cache|workers|conc|p50|p99|req/s|errors|wrk CPU|server CPU"
+               "|redis CPU|other CPU|purity|cands")  # fmt: skip
+    ratio_headers = "bundle|task|cache|workers|conc|hit req/s|floor B req/s|hit / floor B"
+    return (
+        f"### 3-4. HTTP: Floor B and `POST /rank` at N={TARGET_N} (wrk, closed loop, "
+        f"{seconds_per_cell:g} s per cell)\n\n"
+        "`conc` = wrk connections (one wrk thread). `wrk CPU`, `server CPU` (per worker in "
+        "brackets) and `redis CPU` are cores busy during the cell (1.00 = one core); `other "
+        "CPU` = cores kept busy by everything else on the machine meanwhile (noise). "
+        "`purity` = share of requests with the intended cache outcome per the server's "
+        "own counters (the other outcomes in brackets: `bypass` = the cache circuit breaker "
+        "was open); `cands` = mean candidates scored per scored request.\n\n"
+        f"{table(headers, rows)}\n\n"
+        "#### Cache-hit throughput against Floor B (same server, same run)\n\n"
+        + table(ratio_headers, ratios)
+    )
+
+
+def section_candidates(res: Results, _: int) -> str:
+    rows = [
+        [*pick(r, "bundle n task case conc p50 p99"), round(r.rps), r.errors, cands(r)]
+        for r in res.grid(at_target=False)
+    ]
+    return "#### `/rank` search at 100 and 1000 candidates (1 worker, in-process cache)\n\n" + (
+        table("bundle|N|task|case|conc|p50|p99|req/s|errors|cands", rows)
+    )
+
+
+def rss_text(r: dict[str, Any]) -> str:
+    return ", ".join(f"{x:.0f}" for x in r["rss_mib"])
+
+
+def section_rss(res: Results, _: int) -> str:
+    rows = [[*pick(r, "bundle workers backend case"), rss_text(r)] for r in res.rss]
+    headers = "bundle|workers|cache|server|RSS per worker"
+    return "### RSS per worker (MiB, after the cells)\n\n" + table(headers, rows)
+
+
+def section_options(res: Results, _: int) -> str:
+    rows = [
+        [r.extra["option"], r.extra["value"], *pick(r, "task case workers conc p50 p99"),
+         round(r.rps), r.errors, cpu_text(r), r.extra.get("other_cpu", NAN)]
+        for r in res.options()
+    ]  # fmt: skip
+    headers = "option|value|task|case|workers|conc|p50|p99|req/s|errors|server CPU|other CPU"
+    return (
+        f"### Serving options (bundle {res.options()[0].bundle}, N={TARGET_N}, in-process "
+        "cache)\n\n`batch_window_ms` 0 = inference inline on the event loop (default); 0.01 = "
+        "through the micro-batcher's thread-pool hop with (almost) no wait; 1 and 2 = "
+        "batching windows.\n\n" + table(headers, rows)
+    )
+
+
+def section_serialisation(res: Results, _: int) -> str:
+    s = res.serialisation
+    rows: Rows = [
+        [f"encode a k=20 response ({s['response_bytes']:.0f} bytes)", s["encode_orjson_us"],
+         s["encode_json_us"], f"{s['encode_json_us'] / s['encode_orjson_us']:.1f}x"],
+        ["parse + validate a RankRequest (`model_validate_json`)", s["parse_pydantic_json_us"],
+         s["parse_json_then_validate_us"],
+         f"{s['parse_json_then_validate_us'] / s['parse_pydantic_json_us']:.1f}x"],
+        ["  (orjson.loads + model_validate)", s["parse_orjson_then_validate_us"], "", ""],
+    ]  # fmt: skip
+    headers = "what|orjson / pydantic-core|stdlib json|speed-up"
+    return "### Serialisation, per `/rank` call (µs, best of 5)\n\n" + table(headers, rows)
+
+
+def scale_ratio(r: dict[str, Any]) -> float:
+    return float(r["big_p99"] / r["demo_p99"])
+
+
+def section_scale(res: Results, _: int) -> str:
+    rows = [
+        [*pick(sc, "where n task"), sc.get("conc", "-"),
+         *pick(sc, "demo_p50 demo_p99 big_p50 big_p99"), f"{scale_ratio(sc):.2f}x"]
+        for sc in res.scale
+    ]  # fmt: skip
+    headers = "where|N|task|conc|demo p50|demo p99|big p50|big p99|big/demo p99"
+    title = "### 5. Default world vs the 1M-user / 100k-entity world (interleaved)"
+    return f"{title}\n\n{table(headers, rows)}"
+
+
+def section_targets(res: Results, _: int) -> str:
+    rows = [row for target in TARGETS for row in target(res)]
+    return "### Targets\n\n" + table(["target", "measured", "status"], rows)
+
+
+# Each section with what decides whether it is shown (something measured for it).
+SECTIONS: tuple[tuple[Callable[[Results, int], str], Callable[[Results], object]], ...] = (
+    (section_header, bool), (section_bundles, lambda r: r.bundle_info),
+    (section_inprocess, lambda r: r.inprocess), (section_sessions, lambda r: r.sessions),
+    (section_http, Results.grid), (section_candidates, lambda r: r.grid(at_target=False)),
+    (section_rss, lambda r: r.rss), (section_options, Results.options),
+    (section_serialisation, lambda r: r.serialisation), (section_scale, lambda r: r.scale),
+    (section_targets, bool),
+)  # fmt: skip
+
+
+def render(res: Results, seconds_per_cell: int) -> str:
+    """The generated block of docs/BENCHMARKS.md."""
+    shown = [section for section, measured in SECTIONS if measured(res)]
+    return "\n\n".join(section(res, seconds_per_cell) for section in shown)
+
+
+# --- targets: each gives the rows it can fill from what was measured -------------------------
+def met(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def is_default(r: HttpRow) -> bool:
+    """The default serving configuration: 1 worker, in-process cache."""
+    return r.workers == 1 and r.backend == "memory"
+
+
+def cell_text(r: HttpRow, value: str) -> str:
+    return f"{r.bundle} {r.backend} w{r.workers} {value}"
+
+
+def target_path(res: Results) -> Rows:
+    at = [r for r in res.inprocess if r["n"] == TARGET_N]
+    if not at:
+        return []
+    worst = max(at, key=lambda r: r["ratio"])
+    search = ", ".join(f"{r['bundle']} {r['ratio']:.2f}x" for r in at if r["task"] == "search")
+    detail = "; ".join(f"{r['bundle']} {r['task']} {r['ratio']:.2f}x" for r in at)
+    measured = f"worst {worst['ratio']:.2f}x ({worst['bundle']} {worst['task']}); search: "
+    return [
+        ["in-process path p50 <= 1.5x Floor A at 500 candidates (every task)",
+         f"{measured}{search}. All: {detail}", met(worst["ratio"] <= 1.5)]
+    ]  # fmt: skip
+
+
+def target_latency(res: Results) -> Rows:
+    rows: Rows = []
+    for case, limit in (("miss", 10.0), ("hit", 2.0)):
+        cells = [r for r in res.grid() if r.task == "search" and r.case == case and r.conc == 1]
+        primary = [r for r in cells if is_default(r)]
+        if primary:
+            p99s = ["; ".join(cell_text(r, f"{r.p99:.2f}") for r in cells if is_default(r) == d)
+                    for d in (True, False)]  # fmt: skip
+            rows.append(
+                [f"/rank search cache {case}, 500 candidates, concurrency 1: p99 <= {limit:g} ms "
+                 "(default serving: 1 worker, in-process cache)",
+                 f"{p99s[0]}. Other configurations: {p99s[1]}",
+                 met(max(r.p99 for r in primary) <= limit)]
+            )  # fmt: skip
+    return rows
+
+
+def target_hit_throughput(res: Results) -> Rows:
+    top = max((x.conc for x in res.grid()), default=0)
+    ratios = hit_ratios(res.grid(), top)
+    primary = [(x, r) for x, r, _ in ratios if is_default(r)]
+    if not primary:
+        return []
+    worst, wr = min(primary, key=lambda x: x[0])
+    each = "; ".join(f"{r.bundle} {r.task} {x:.0%}" for x, r in primary)
+    others = "; ".join(
+        cell_text(r, f"{x:.0%}") for x, r, _ in ratios if r.task == "search" and not is_default(r)
+    )
+    return [
+        [f"cache-hit throughput >= 70% of Floor B (conc {top}, every task; default serving: 1 "
+         "worker, in-process cache)",
+         f"worst {worst:.0%} ({wr.bundle} {wr.task}); {each}. Other configurations, search: "
+         f"{others}", met(worst >= 0.7)]
+    ]  # fmt: skip
+
+
+def target_scale(res: Results) -> Rows:
+    if not res.scale:
+        return []
+    parts = []
+    for where in dict.fromkeys(sc["where"] for sc in res.scale):
+        group = [sc for sc in res.scale if sc["where"] == where]
+        w = max(group, key=scale_ratio)
+        conc = f" c{w['conc']}" if "conc" in w else ""
+        median = statistics.median(map(scale_ratio, group))
+        parts.append(
+            f"{where}: worst {scale_ratio(w):.2f}x ({w['task']} N={w['n']}{conc}), "
+            f"median {median:.2f}x"
+        )
+    big = [
+        f"w{r['workers']} {r['case']}: {rss_text(r)} MiB" for r in res.rss if r["bundle"] == "big"
+    ]
+    rows: Rows = [
+        ["1M-user world p99 within 1.3x of the default world (same N)", "; ".join(parts),
+         met(max(map(scale_ratio, res.scale)) <= 1.3)],
+    ]  # fmt: skip
+    if big:
+        rows.append(["1M-user world RSS documented", "; ".join(big), "**met** (documented)"])
+    return rows
+
+
+def target_sessions(res: Results) -> Rows:
+    p50 = {k: v[TARGET_N]["p50"] for k, v in res.sessions.items()}
+    if not p50:
+        return []
+    best = min(p50, key=p50.__getitem__)
+    return [
+        ["session options chosen by measurement",
+         f"fastest at N={TARGET_N}: {best} ({p50[best]:.3f} ms) vs default "
+         f"{next(iter(p50.values())):.3f} ms", "**met** (recorded above)"]
+    ]  # fmt: skip
+
+
+def target_batching(res: Results) -> Rows:
+    batching, parts = res.options("batch_window_ms"), []
+    for w in sorted({r.workers for r in batching}):
+        for conc in sorted({r.conc for r in batching}):
+            cells = ", ".join(
+                f"{r.extra['value']:g} ms {r.p50:.1f}/{r.p99:.1f}/{r.rps:.0f}"
+                for r in batching
+                if r.workers == w and r.conc == conc
+            )
+            parts.append(f"w{w} c{conc} p50/p99/req/s: {cells}")
+    measured = "; ".join(parts)
+    return [["micro-batching on/off measured", measured, "**met** (recorded above)"]] * bool(parts)
+
+
+def target_stack(res: Results) -> Rows:
+    stack, s = res.options("loop/http"), res.serialisation
+    if not (stack and s):
+        return []
+    cells = ", ".join(f"{r.extra['value']} {r.case} c{r.conc} {r.rps:.0f}/s" for r in stack)
+    return [
+        ["orjson responses, event loop and HTTP parser measured",
+         f"{cells}; orjson encodes a 20-item response in {s['encode_orjson_us']:.1f} µs vs "
+         f"{s['encode_json_us']:.1f} µs (json)", "**met** (recorded above)"]
+    ]  # fmt: skip
+
+
+TARGETS = (
+    target_path, target_latency, target_hit_throughput, target_scale, target_sessions,
+    target_batching, target_stack,
+)  # fmt: skip
