@@ -6,10 +6,17 @@ and the user's CLUSTER, never on the user, so every member of a cluster may shar
 user id, so even a future caller that stored them could not serve one user's list to
 another).
 
-A failing cache never fails a request: ``ClusterCache.get``/``set`` catch every error,
-count it in ``unicorn_cache_errors_total``, open a circuit breaker (requests bypass the
-cache for ``cache_retry_seconds``, ``unicorn_cache_degraded`` = 1) and then let ONE request
+A failing cache never fails a request: ``ClusterCache.get``/``set`` catch every error and
+count it in ``unicorn_cache_errors_total`` (that request is scored instead). After
+``cache_failure_threshold`` failures in a row a circuit breaker opens (requests bypass the
+cache for ``cache_retry_seconds``, ``unicorn_cache_degraded`` = 1) and then lets ONE request
 probe the backend again; a success closes the breaker, so the service recovers by itself.
+
+A Redis call's deadline (``cache_timeout_ms``) runs on the event loop, which is sometimes
+late (inline scoring, a busy core). ``loop_fair_timeout`` keeps that lateness from being
+charged to Redis: a deadline is counted in steps that each start when the loop is back,
+so time the loop was stuck does not count (up to ``MAX_WAIT_FACTOR`` deadlines in all), and
+a reply the late loop finds together with the expired deadline is still used.
 """
 
 from __future__ import annotations
@@ -21,9 +28,9 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, TypeVar
 
 import orjson
 
@@ -37,6 +44,9 @@ OPERATIONS: tuple[str, ...] = ("get", "set", "ping", "decode")
 KEY_SCHEMA = 1  # bump when the key layout changes, so old entries are never misread
 CacheOutcome = Literal["hit", "miss", "bypass"]
 Clock = Callable[[], float]
+T = TypeVar("T")
+DEADLINE_STEPS = 4  # loop_fair_timeout counts a deadline in this many steps
+MAX_WAIT_FACTOR = 20  # and waits at most this many deadlines, however late the loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,16 +120,24 @@ BYPASS = CacheRead("bypass")
 
 
 class CircuitBreaker:
-    """Closed (use the backend) -> open after a failure (skip it for ``retry_seconds``) ->
-    one probe allowed -> closed on success, open again on failure."""
+    """Closed (use the backend) -> open after ``failure_threshold`` failures in a row (skip
+    it for ``retry_seconds``) -> one probe allowed -> closed on success, open again at once
+    on failure. Any success resets the count, so one slow call among good ones (a network
+    blip, a reply that lost the race with its deadline) costs its own request only."""
 
-    def __init__(self, retry_seconds: float, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, retry_seconds: float, clock: Clock = time.monotonic, *, failure_threshold: int = 1
+    ) -> None:
         if retry_seconds <= 0:
             raise ValueError(f"retry_seconds must be > 0, got {retry_seconds}")
+        if failure_threshold < 1:
+            raise ValueError(f"failure_threshold must be >= 1, got {failure_threshold}")
         self.retry_seconds = retry_seconds
+        self.failure_threshold = failure_threshold
         self.clock = clock
         self._open_until: float | None = None
         self._probing = False
+        self._failures = 0  # in a row, since the last success
 
     @property
     def is_open(self) -> bool:
@@ -137,14 +155,18 @@ class CircuitBreaker:
     def record_success(self) -> bool:
         """Close; True when this closed an open breaker (the backend recovered)."""
         recovered = self._open_until is not None
-        self._open_until, self._probing = None, False
+        self._open_until, self._probing, self._failures = None, False, 0
         return recovered
 
     def record_failure(self) -> bool:
-        """(Re)open for ``retry_seconds``; True when this opened a closed breaker."""
-        opened = self._open_until is None
+        """Count a failure; (re)open for ``retry_seconds`` at the ``failure_threshold``-th in
+        a row, or at once while open (a failed probe). True when this opened a closed one."""
+        self._failures += 1
+        closed = self._open_until is None
+        if closed and self._failures < self.failure_threshold:
+            return False
         self._open_until, self._probing = self.clock() + self.retry_seconds, False
-        return opened
+        return closed
 
 
 class ClusterCache(ABC):
@@ -161,12 +183,13 @@ class ClusterCache(ABC):
         retry_seconds: float,
         metrics: ServiceMetrics | None = None,
         clock: Clock = time.monotonic,
+        failure_threshold: int = 1,
     ) -> None:
         if ttl_seconds <= 0:
             raise ValueError(f"ttl_seconds must be > 0, got {ttl_seconds}")
         self.ttl_seconds = ttl_seconds
         self.metrics = metrics
-        self.breaker = CircuitBreaker(retry_seconds, clock)
+        self.breaker = CircuitBreaker(retry_seconds, clock, failure_threshold=failure_threshold)
         if metrics is not None:  # zero series, so rate() and alerts see them from the start
             for operation in OPERATIONS:
                 metrics.cache_errors.labels(self.backend, operation)
@@ -221,15 +244,19 @@ class ClusterCache(ABC):
             self.metrics.cache_errors.labels(self.backend, operation).inc()
         if self.breaker.record_failure():
             logger.warning(
-                "cache %s %s failed (%s: %s); bypassing it for %.1fs",
+                "cache %s %s failed (%s: %s), %d in a row; bypassing it for %.1fs",
                 self.backend,
                 operation,
                 type(exc).__name__,
                 exc,
+                self.breaker.failure_threshold,
                 self.breaker.retry_seconds,
             )
             if self.metrics is not None:
                 self.metrics.cache_degraded.set(1)
+        else:
+            logger.debug("cache %s %s failed (%s: %s)", self.backend, operation,
+                         type(exc).__name__, exc)  # fmt: skip
 
     def _succeeded(self) -> None:
         if self.breaker.record_success():
@@ -265,8 +292,9 @@ class InProcessCache(ClusterCache):
         retry_seconds: float = 1.0,
         metrics: ServiceMetrics | None = None,
         clock: Clock = time.monotonic,
+        failure_threshold: int = 1,
     ) -> None:
-        super().__init__(ttl_seconds, retry_seconds, metrics, clock)
+        super().__init__(ttl_seconds, retry_seconds, metrics, clock, failure_threshold)
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self.max_entries = max_entries
@@ -305,16 +333,68 @@ class InProcessCache(ClusterCache):
             self._entries.clear()
 
 
+async def loop_fair_timeout(seconds: float, call: Awaitable[T]) -> T:
+    """``await call``, cut with ``TimeoutError`` after ``seconds`` like ``asyncio.timeout``,
+    except that time the event loop was stuck elsewhere does not count against it.
+
+    The deadline is a timer on the loop. When the loop comes back late (it scored inline,
+    or lost its core), it finds a reply that arrived in time and the expired deadline in
+    the same pass; ``asyncio.timeout`` then cancels the call and the reply is lost, as if
+    Redis had been slow. Here:
+
+    - **the deadline is counted in ``DEADLINE_STEPS`` steps**, each timed from when the
+      loop got back to the previous one, so a stretch in which the loop was stuck, and
+      ran the step's timer late, is not counted; a call of several round trips (a
+      reconnect, then the command) still gets loop time to finish. However late the
+      loop, a call waits at most ``MAX_WAIT_FACTOR x seconds``;
+    - **the cut waits for the end of the pass** in which the last step's timer runs: it
+      is queued behind the wakeups that the pass's I/O callbacks (which asyncio, and
+      uvloop, run before due timers) have queued, so a call whose reply was read finishes.
+
+    A cut call had no reply when the loop read its socket at the deadline, and a stalled
+    Redis still cuts every call: after ``seconds`` (plus up to a millisecond a step, the
+    selector's resolution) on a loop that keeps up, later by the time the loop was stuck.
+    A call answered within the first step (every hit from a healthy Redis) costs one
+    timer, as with ``asyncio.timeout``.
+    """
+    loop = asyncio.get_running_loop()
+    step = seconds / DEADLINE_STEPS
+    began = loop.time()
+    last = began + MAX_WAIT_FACTOR * seconds
+    steps_left = DEADLINE_STEPS
+    timer: asyncio.Handle
+    async with asyncio.timeout(None) as scope:
+
+        def stepped() -> None:
+            nonlocal steps_left, timer
+            steps_left -= 1
+            now = loop.time()
+            if steps_left > 0 and now < last:  # the next step starts now, however late
+                timer = loop.call_at(min(now + step, last), stepped)
+            else:  # cut, after this pass (the scope cancels the call on the next one)
+                timer = loop.call_soon(scope.reschedule, now)
+
+        timer = loop.call_at(began + step, stepped)
+        try:
+            return await call
+        finally:
+            timer.cancel()
+
+
 class RedisCache(ClusterCache):
     """Redis (``redis.asyncio`` + hiredis) shared by every replica; values expire by TTL.
 
-    Connect and socket timeouts are ``timeout_seconds`` and every call also runs under
-    ``asyncio.timeout``: a stalled Redis costs a request at most ``timeout_seconds`` once,
-    and nothing while the breaker is open. redis-py retries a command ONCE, at once, on a
-    connection error only (never on a timeout): after Redis restarts, every pooled
-    connection is dead, and without that retry each one would fail a request and re-open
-    the breaker for another ``retry_seconds`` (measured under load: recovery took two
-    breaker periods instead of one).
+    Every call (a reconnect included) runs under ``loop_fair_timeout(timeout_seconds)``: a
+    stalled Redis costs a request at most ``timeout_seconds`` once (up to
+    ``MAX_WAIT_FACTOR`` times that when the loop itself was that late), and nothing while
+    the breaker is open. redis-py's own socket and pool timeouts are off: they are plain
+    loop timers that a late loop trips (and its write timeout runs each send in a task of
+    its own, a loop pass later); its connect timeout stays, beyond the longest wait, only
+    to bound closing a connection to a stalled Redis. redis-py retries a command ONCE, at
+    once, on a connection error only (never on a timeout): after Redis restarts, every
+    pooled connection is dead, and without that retry each one would fail a request and
+    re-open the breaker for another ``retry_seconds`` (measured under load: recovery took
+    two breaker periods instead of one).
     """
 
     backend = "redis"
@@ -328,8 +408,9 @@ class RedisCache(ClusterCache):
         max_connections: int = 64,
         metrics: ServiceMetrics | None = None,
         clock: Clock = time.monotonic,
+        failure_threshold: int = 1,
     ) -> None:
-        super().__init__(ttl_seconds, retry_seconds, metrics, clock)
+        super().__init__(ttl_seconds, retry_seconds, metrics, clock, failure_threshold)
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -344,28 +425,25 @@ class RedisCache(ClusterCache):
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            timeout=timeout_seconds,  # waiting for a free pooled connection
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
+            timeout=None,  # waiting for a free pooled connection: the call's deadline
+            socket_timeout=None,  # reads and writes: the call's deadline
+            socket_connect_timeout=MAX_WAIT_FACTOR * timeout_seconds + 1.0,  # see above
             retry=retry,
             health_check_interval=0,
         )
         self.client = aioredis.Redis(connection_pool=pool, retry=retry)
 
     async def _get(self, key: str) -> bytes | None:
-        async with asyncio.timeout(self.timeout_seconds):
-            value = await self.client.get(key)
+        value = await loop_fair_timeout(self.timeout_seconds, self.client.get(key))
         if value is None:
             return None
         return value if isinstance(value, bytes) else str(value).encode()
 
     async def _set(self, key: str, value: bytes) -> None:
-        async with asyncio.timeout(self.timeout_seconds):
-            await self.client.set(key, value, px=self._ttl_ms)
+        await loop_fair_timeout(self.timeout_seconds, self.client.set(key, value, px=self._ttl_ms))
 
     async def _ping(self) -> None:
-        async with asyncio.timeout(self.timeout_seconds):
-            await self.client.ping()
+        await loop_fair_timeout(self.timeout_seconds, self.client.ping())
 
     async def close(self) -> None:
         try:

@@ -154,8 +154,8 @@ class Settings(BaseSettings):
         default=50.0,
         gt=0.0,
         le=10_000.0,
-        description="Deadline of one Redis call, a reconnect included: a stalled Redis costs a "
-        "request at most this (twice when the event loop itself was that late).",
+        description="Deadline of one Redis call, a reconnect included; time the event loop "
+        "was stuck elsewhere does not count: a stalled Redis costs a request about this.",
     )
     cache_retry_seconds: float = Field(
         default=5.0,
@@ -163,6 +163,13 @@ class Settings(BaseSettings):
         le=3600.0,
         description="Circuit breaker: once open, skip Redis this long, then let one request "
         "retry it.",
+    )
+    cache_failure_threshold: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="Circuit breaker: cache failures in a row (errors, timeouts) that open it; "
+        "any success resets the count.",
     )
     cache_max_connections: int = Field(default=64, ge=1, le=10_000, description="Redis pool size.")
 

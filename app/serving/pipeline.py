@@ -68,12 +68,14 @@ def open_cache(settings: Settings, metrics: ServiceMetrics | None) -> ClusterCac
             retry_seconds=settings.cache_retry_seconds,
             max_connections=settings.cache_max_connections,
             metrics=metrics,
+            failure_threshold=settings.cache_failure_threshold,
         )
     return InProcessCache(
         settings.cache_max_entries,
         settings.cache_ttl_seconds,
         retry_seconds=settings.cache_retry_seconds,
         metrics=metrics,
+        failure_threshold=settings.cache_failure_threshold,
     )
 
 
