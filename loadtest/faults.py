@@ -242,7 +242,8 @@ def _reloads(
 ) -> tuple[list[Sample], float, float, list[Any], str]:
     """``POST /admin/reload`` of each of ``targets`` in turn, spread over the fault window
     of a load: the samples, the window, the answers to the reloads, the version before."""
-    server = opts.server(admin_token=TOKEN).start()
+    paths = [str(p.resolve()) for p in (opts.bundle, *targets)]
+    server = opts.server(admin_token=TOKEN, reload_root=os.path.commonpath(paths)).start()
     try:
         bodies = _bodies(server)
         version = server.get("/readyz").json()["model_version"]

@@ -196,11 +196,18 @@ def served_bundle(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture
-def settings_for(served_bundle: Path) -> Callable[..., Settings]:
-    """``settings_for(**overrides)``: test settings serving ``served_bundle``."""
+def settings_for(
+    served_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., Settings]:
+    """``settings_for(**overrides)``: test settings serving ``served_bundle``; reloads may
+    name any bundle of this test session (the reload root is pytest's temporary root)."""
 
     def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"bundle": served_bundle, "log_user_salt": "test-salt"}
+        values: dict[str, Any] = {
+            "bundle": served_bundle,
+            "log_user_salt": "test-salt",
+            "reload_root": tmp_path_factory.getbasetemp(),
+        }
         values.update(overrides)
         return Settings(**values)
 

@@ -179,8 +179,18 @@ def test_a_tampered_bundle_is_refused_and_the_old_model_keeps_serving(
         assert client.get("/readyz").json()["model_version"] == _version(fast_bundle)
         text = client.get("/metrics").text
         assert read_metric(text, "unicorn_model_reloads_total", result="refused") == 1
-        missing = client.post("/admin/reload", json={"bundle": "/no/such/bundle"}, headers=AUTH)
+        inside = tampered_bundle.parent / "no-such-bundle"
+        missing = client.post("/admin/reload", json={"bundle": str(inside)}, headers=AUTH)
         assert missing.status_code == 409 and "does not exist" in missing.json()["error"]["message"]
+        # Outside the reload root nothing is read: no answer tells what exists there.
+        for elsewhere in ("/no/such/bundle", "/etc", "/proc/self", f"{inside}/../../../../etc"):
+            outside = client.post("/admin/reload", json={"bundle": elsewhere}, headers=AUTH)
+            assert outside.status_code == 403, elsewhere
+            assert outside.json()["error"]["field"] == "bundle"
+            assert "reload root" in outside.json()["error"]["message"]
+            assert elsewhere not in outside.json()["error"]["message"]
+        text = client.get("/metrics").text
+        assert read_metric(text, "unicorn_model_reloads_total", result="refused") == 2
 
 
 def test_admin_needs_the_right_bearer_token_and_is_off_without_one(

@@ -179,6 +179,11 @@ class Settings(BaseSettings):
         description=f"Bearer token for /admin/*; unset = admin endpoints disabled (404). At "
         f"least {MIN_ADMIN_TOKEN_CHARS} characters.",
     )
+    reload_root: Path | None = Field(
+        default=None,
+        description="Directory a bundle named by POST /admin/reload must lie in (symlinks "
+        "resolved; else 403); unset = the directory holding `bundle`.",
+    )
     log_level: str = Field(default="INFO", description=f"One of {', '.join(LOG_LEVELS)}.")
     log_queries: bool = Field(
         default=False, description="True: access logs carry the raw query text. Off by default."

@@ -23,7 +23,7 @@ import numpy as np
 
 from app.core.bundle import Bundle, load_bundle
 from app.core.context import Personalization, Task
-from app.core.errors import BundleError, ModelUnavailable
+from app.core.errors import BundleError, Forbidden, ModelUnavailable
 from app.core.ranking import Ranker, RankQuery
 from app.core.scoring import ScorerOptions
 from app.serving.batching import MicroBatcher, concatenate_requests
@@ -180,9 +180,12 @@ class ModelHolder:
     async def reload(self, path: Path | None = None) -> Reloaded:
         """Load, verify and warm a bundle in a worker thread, then swap it in atomically.
 
-        A refused bundle raises ``BundleError`` (409) and the running model keeps serving.
+        A refused bundle raises ``BundleError`` (409) and the running model keeps serving;
+        a ``path`` outside the reload root raises ``Forbidden`` (403) before anything is read.
         """
         target = Path(path) if path is not None else self.settings.bundle
+        if path is not None:
+            self._check_reloadable(target)
         async with self._reload_lock:
             started = time.perf_counter()
             try:
@@ -204,6 +207,17 @@ class ModelHolder:
                 previous_model_version=old_version,
                 bundle=str(target),
                 seconds=round(time.perf_counter() - started, 3),
+            )
+
+    def _check_reloadable(self, target: Path) -> None:
+        """A reload may only name a bundle inside the reload root: the admin route must not
+        read, or tell the existence of, directories elsewhere on the host."""
+        root = (self.settings.reload_root or self.settings.bundle.parent).resolve()
+        if not target.resolve().is_relative_to(root):
+            raise Forbidden(
+                "bundle must be a directory inside the reload root (UNICORN_RELOAD_ROOT; "
+                "unset: the directory of the configured bundle)",
+                field="bundle",
             )
 
     def _install_sighup(self) -> None:
