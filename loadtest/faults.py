@@ -452,6 +452,97 @@ def _overload_flood(opts: Options, label: str, extra: dict[str, Any], connection
     )  # fmt: skip
 
 
+MULTIPLES = (3, 5, 10)  # x the measured capacity, offered by the raw open-loop client
+
+
+def _capacity(opts: Options) -> float:
+    """/rank calls a second one worker (cache off, defaults) serves to 4 closed-loop
+    connections (wrk: below the slots, nothing shed)."""
+    from loadtest.processes import run_wrk, write_bodies
+
+    server = opts.server(cache_enabled=False).start()
+    try:
+        data = write_bodies(opts.workdir / "capacity.jsonl", _bodies(server))
+        run_wrk(server.url + "/rank", data, 2, 1)  # warm
+        result = run_wrk(server.url + "/rank", data, 4, 4)
+        return (result.requests - result.status_errors) / result.seconds
+    finally:
+        server.stop()
+
+
+def _overload_multiple(opts: Options, multiple: float, capacity: float) -> Row:
+    """``multiple`` x ``capacity`` offered open loop (``RawLoadRunner``, pinned to one core,
+    the server to the other) to one worker with the defaults, cache off; the slots seen
+    (``unicorn_scoring_slots`` every 0.5 s), goodput, and the longest run of seconds
+    without a served 200."""
+    import threading
+
+    from loadtest.open_loop import RawLoadRunner
+
+    rate = multiple * capacity
+    server = opts.server(cache_enabled=False)
+    server.command = ["taskset", "-c", "0", *server.command]
+    mask = os.sched_getaffinity(0)
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, {1} if len(mask) > 1 else mask)
+    server.start()
+    try:
+        bodies = _bodies(server)
+        with RawLoadRunner(server.url, bodies, 20).running() as base:
+            time.sleep(opts.fault_s)
+        baseline = summarise(base.stop(), 0.5)
+        slots: list[float] = []
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(0.5):
+                with contextlib.suppress(Exception):
+                    slots.append(metric(server.metrics(), "unicorn_scoring_slots"))
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        seconds = 2 * opts.fault_s
+        load = RawLoadRunner(server.url, bodies, rate, connections=450, timeout_s=15)
+        with load.running():
+            time.sleep(seconds)
+        samples = load.stop()
+        stop.set()
+        poller.join()
+        log = server.log()
+    finally:
+        server.stop()
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, mask)
+    done = [s.at + s.latency for s in samples if s.status == 200]
+    per_second = np.bincount(np.array(done, dtype=int), minlength=int(seconds))[1 : int(seconds)]
+    streak = longest = 0
+    for count in per_second:
+        streak = streak + 1 if count == 0 else 0
+        longest = max(longest, streak)
+    shed = summarise(samples, where=lambda s: s.shed)
+    total = summarise(samples)
+    row = _overload_row(
+        f"Overload, open loop: {multiple:g}x capacity ({rate:.0f} req/s; capacity "
+        f"{capacity:.0f} req/s measured) offered to one worker (cache off), defaults",
+        len(samples), total.failed - total.shed, samples, log, baseline,
+        f"goodput {len(done) / seconds:.0f} req/s ({len(done) / seconds / capacity:.0%} of "
+        f"capacity), longest run without a 200: {longest} s; scoring slots max "
+        f"{max(slots, default=math.nan):.0f}; ",
+    )  # fmt: skip
+    row.notes += (
+        f"; shed max {_ms(shed.max_ms)}; below capacity: p50 {_ms(baseline.p50_ms)} / p99 "
+        f"{_ms(baseline.p99_ms)}"
+    )
+    return row
+
+
+def scenario_overload_multiples(opts: Options) -> list[Row]:
+    """Open loop at ``MULTIPLES`` x one worker's measured capacity (default candidates):
+    the bound of docs/API.md, "Admission control", at 3x, 5x and 10x."""
+    capacity = _capacity(opts)
+    return [_overload_multiple(opts, multiple, capacity) for multiple in MULTIPLES]
+
+
 def scenario_overload(opts: Options, connections: int = 128) -> list[Row]:
     """Load above the capacity of one worker: open loop (a fixed arrival rate, which
     admission control is for), then a closed-loop flood of clients that retry the moment
@@ -459,6 +550,7 @@ def scenario_overload(opts: Options, connections: int = 128) -> list[Row]:
     control effectively off."""
     one, uvloop = {"max_in_flight": 1}, {"event_loop": "uvloop"}
     return [
+        *scenario_overload_multiples(opts),
         _overload_open_loop(opts, "defaults (max_in_flight=4, queue_timeout_ms=100)", {}),
         _overload_open_loop(opts, "max_in_flight=1", one),
         _overload_open_loop(opts, "uvloop", uvloop),
@@ -481,6 +573,7 @@ SCENARIOS: dict[str, Callable[[Options], Row | list[Row]]] = {
     "bad_bundle_start": scenario_bad_bundle_start,
     "worker_killed": scenario_worker_killed,
     "overload": scenario_overload,
+    "overload_multiples": scenario_overload_multiples,
 }
 
 

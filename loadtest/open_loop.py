@@ -5,6 +5,7 @@ scheduled send time, so client-side queueing behind a stalled server counts."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
 import threading
@@ -159,3 +160,204 @@ def summarise(
         max_ms=float(latencies.max()),
         problems=dict(Counter(s.problem for s in chosen if s.problem is not None)),
     )
+
+
+class _RawConnection(asyncio.Protocol):
+    """One keep-alive connection of ``RawLoadRunner``: one call at a time, the response's
+    status, ``Retry-After`` and (for a 503) error code parsed by hand."""
+
+    def __init__(self, runner: RawLoadRunner) -> None:
+        self.runner = runner
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.call: tuple[int, float] | None = None  # (index, due) of the call in flight
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, index: int, due: float, request: bytes) -> None:
+        self.call = (index, due)
+        self.runner.send_lag.append(self.runner.now() - due)
+        assert self.transport is not None
+        self.transport.write(request)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0 or self.call is None:
+            return
+        head = bytes(buffer[: end + 2]).lower()  # each header line ends with CRLF
+        start = head.find(b"\r\ncontent-length:")
+        length = int(head[start + 17 : head.find(b"\r", start + 2)]) if start >= 0 else 0
+        if len(buffer) < end + 4 + length:
+            return
+        status = int(head[9:12])
+        body = bytes(buffer[end + 4 : end + 4 + length])
+        del buffer[: end + 4 + length]
+        _index, due = self.call
+        self.call = None
+        problem: str | None = None
+        if status == 503 and b"\r\nretry-after:" in head:
+            try:
+                problem = f"503 {orjson.loads(body)['error']['code']}"
+            except (ValueError, KeyError, TypeError):
+                problem = "503 unparsable body"
+        elif status != 200:
+            problem = f"{status} {body[:80].decode(errors='replace')}"
+        closing = b"\r\nconnection: close" in head
+        self.runner.record(Sample(due, self.runner.now() - due, status, problem))
+        if closing:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            self.runner.idle(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.call is not None:
+            _index, due = self.call
+            self.call = None
+            self.runner.record(Sample(due, self.runner.now() - due, 0, "connection closed"))
+        self.runner.lost(self)
+
+
+class RawLoadRunner:
+    """Like ``LoadRunner`` (same ``start`` / ``stop`` / ``running`` / ``samples``), for rates
+    an httpx client cannot offer (thousands of calls a second from one core): raw
+    HTTP/1.1 keep-alive connections on uvloop, opened as needed up to ``connections``;
+    a call due while all are busy waits for one, and its latency still runs from its
+    scheduled send time (so client-side queueing counts against the server). The
+    responses' bodies are not checked (status, ``Retry-After`` and a 503's code are)."""
+
+    def __init__(
+        self, url: str, bodies: Sequence[dict[str, Any]], rate: float, *, connections: int = 400,
+        timeout_s: float = 10.0,
+    ) -> None:  # fmt: skip
+        if rate <= 0 or not bodies:
+            raise ValueError(f"rate must be > 0 and bodies non-empty, got {rate}, {len(bodies)}")
+        host_port = url.split("://", 1)[-1].rstrip("/")
+        self.host, port = host_port.rsplit(":", 1)
+        self.port = int(port)
+        self.requests = [
+            b"POST /rank HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (host_port.encode(), len(b), b)
+            for b in (orjson.dumps(body) for body in bodies)
+        ]
+        self.rate, self.connections, self.timeout_s = rate, connections, timeout_s
+        self.samples: list[Sample] = []
+        self.send_lag: list[float] = []  # seconds from each call's due time to its write
+        self.started = 0.0
+        self._idle: list[_RawConnection] = []
+        self._all: set[_RawConnection] = set()
+        self._open = 0
+        self._opening = 0
+        self._queued: collections.deque[tuple[int, float]] = collections.deque()
+        self._stop, self._ready = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> RawLoadRunner:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError(f"load: cannot connect to {self.host}:{self.port}")
+        return self
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    def stop(self) -> list[Sample]:
+        self._stop.set()
+        self._thread.join(self.timeout_s + 30)
+        return sorted(self.samples, key=lambda s: s.at)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[RawLoadRunner]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+    # --- called by the connections ---
+    def record(self, sample: Sample) -> None:
+        self.samples.append(sample)
+
+    def idle(self, connection: _RawConnection) -> None:
+        if self._queued:
+            index, due = self._queued.popleft()
+            connection.send(index, due, self.requests[index % len(self.requests)])
+        else:
+            self._idle.append(connection)
+
+    def lost(self, connection: _RawConnection) -> None:
+        self._open -= 1
+        self._all.discard(connection)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(connection)
+
+    # --- the loop ---
+    def _main(self) -> None:
+        try:
+            import uvloop
+
+            runner: Callable[[Any], Any] = uvloop.run
+        except ImportError:  # pragma: no cover - uvloop is a serving dependency
+            runner = asyncio.run
+        runner(self._run())
+
+    async def _connect(self) -> None:
+        self._opening += 1
+        try:
+            loop = asyncio.get_running_loop()
+            _, connection = await loop.create_connection(
+                lambda: _RawConnection(self), self.host, self.port
+            )
+            self._open += 1
+            self._all.add(connection)
+            self.idle(connection)
+        except OSError:
+            if self._queued:  # the call that needed it fails
+                _index, due = self._queued.popleft()
+                self.record(Sample(due, self.now() - due, 0, "connect failed"))
+        finally:
+            self._opening -= 1
+
+    def _send(self, index: int, due: float) -> None:
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed:
+                connection.send(index, due, self.requests[index % len(self.requests)])
+                return
+        self._queued.append((index, due))
+        if self._open + self._opening < self.connections:
+            asyncio.get_running_loop().create_task(self._connect())
+
+    async def _run(self) -> None:
+        for _ in range(8):  # a few connections before the clock starts
+            await self._connect()
+        self._queued.clear()
+        self.started = time.monotonic()
+        self._ready.set()
+        i = 0
+        while not self._stop.is_set():
+            now = self.now()
+            while i / self.rate <= now:
+                self._send(i, i / self.rate)
+                i += 1
+            await asyncio.sleep(max(0.0, i / self.rate - self.now()))
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline and len(self.samples) < i:
+            await asyncio.sleep(0.01)
+        for _index, due in self._queued:
+            self.record(Sample(due, self.now() - due, 0, "not sent (no free connection)"))
+        self._queued.clear()
+        for connection in list(self._all):
+            if connection.call is not None:  # unanswered within timeout_s of the end
+                _, due = connection.call
+                connection.call = None
+                self.record(Sample(due, self.now() - due, 0, "timeout"))
+            if connection.transport is not None:
+                connection.transport.close()

@@ -5,13 +5,14 @@ admission measures come from an injected clock that the tests move, never the wa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 
 from app.core.errors import Overloaded
-from app.serving.admission import WINDOW_S, Admission
+from app.serving.admission import ARRIVED, TURN_SHARE, WINDOW_S, Admission
 
 pytestmark = pytest.mark.anyio
 
@@ -176,3 +177,98 @@ async def test_without_fair_share_the_slots_stay_fixed() -> None:
     await admission.enter()
     admission.leave(0.001)
     assert admission.slots == 2
+
+
+async def test_a_request_older_than_the_queue_timeout_is_refused_at_once(
+    finish_without_waiting: FinishWithoutWaiting,
+) -> None:
+    """Its head was read 150 ms ago (it waited in the loop's ready queue since): with
+    every slot taken it is refused without waiting; one read 40 ms ago queues, for what
+    is left of its 100 ms."""
+    clock = FakeClock()
+    admission = Admission(1, 0.1, clock=clock)
+    await admission.enter()  # every slot taken
+    token = ARRIVED.set(clock.now - 0.15)
+    try:
+        with pytest.raises(Overloaded) as info:
+            finish_without_waiting(admission.enter())
+        assert "waited before admission for longer than queue_timeout_ms=100" in (
+            info.value.message
+        )
+        ARRIVED.set(clock.now - 0.04)
+        queued = asyncio.create_task(admission.enter())  # the task copies the context
+    finally:
+        ARRIVED.reset(token)
+    await asyncio.sleep(0)
+    assert admission.waiting == 1 and not queued.done()
+    admission.leave(0.0)
+    await queued  # granted, not refused
+
+
+async def test_a_stale_request_still_takes_a_free_slot() -> None:
+    """Staleness only decides who is refused when every slot is taken."""
+    clock = FakeClock()
+    admission = Admission(1, 0.1, clock=clock)
+    token = ARRIVED.set(clock.now - 10.0)
+    try:
+        await admission.enter()
+    finally:
+        ARRIVED.reset(token)
+    assert admission.entered == 1
+
+
+async def test_refuses_now_counts_the_requests_on_their_way() -> None:
+    clock = FakeClock()
+    admission = Admission(1, 0.1, clock=clock)
+    assert not admission.refuses_now(1000)  # a free slot
+    await admission.enter()
+
+    async def one() -> None:
+        await admission.enter()
+        clock.now += 0.03
+        admission.leave(0.03)
+
+    tasks = [asyncio.create_task(one()) for _ in range(3)]
+    await asyncio.sleep(0)
+    admission.leave(0.0)
+    await asyncio.gather(*tasks)  # grants 30 ms apart
+    await admission.enter()  # every slot taken, nobody queued
+    assert not admission.refuses_now()  # 30 ms ahead
+    assert not admission.refuses_now(2)  # 90 ms
+    assert admission.refuses_now(3)  # 120 ms >= 100 ms
+
+
+async def test_fair_share_never_grants_more_scoring_per_turn_than_a_share_of_the_timeout() -> None:
+    """The same crowding out as above, but each request scores 5 ms: one turn may hold
+    at most TURN_SHARE x 100 ms of scoring, so 5 slots, however long scoring stays
+    crowded out (16x would be 32 slots, a 160 ms turn)."""
+    clock = FakeClock()
+    admission = Admission(2, 0.1, adaptive=True, clock=clock)
+    assert admission.max_slots == 32
+    stop = asyncio.Event()
+    seen: list[int] = []
+
+    async def other_work() -> None:
+        while not stop.is_set():
+            clock.now += 0.05
+            await asyncio.sleep(0)
+
+    async def requester() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Overloaded):
+                await admission.enter()
+                clock.now += 0.005
+                admission.leave(0.005)
+                seen.append(admission.slots)
+            await asyncio.sleep(0)
+
+    tasks = [asyncio.create_task(other_work())]
+    tasks += [asyncio.create_task(requester()) for _ in range(40)]
+    started = clock.now
+    while clock.now - started < 5.0:
+        await asyncio.sleep(0)
+    stop.set()
+    await asyncio.gather(*tasks)
+    bound = int(TURN_SHARE * 0.1 / 0.005 + 1e-6)
+    assert admission.slot_bound == bound == 5
+    assert max(seen) == bound  # it grew, up to the bound and no further

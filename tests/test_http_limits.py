@@ -430,3 +430,81 @@ def test_floodable_log_lines_are_rate_limited() -> None:
         "uvicorn.error", logging.WARNING, "", 0, "Invalid HTTP request received.", None, None
     )
     assert [prefixed.filter(flood) for _ in range(3)] == [True, False, False]
+
+
+# --- admission at the door ------------------------------------------------------------------
+class _RefusingAdmission:
+    """Stands in for a saturated ``Admission``: it would refuse every request at once."""
+
+    queue_timeout_s = 0.1
+    min_slots = 4
+    entered = 0
+
+    def refuses_now(self, ahead: int = 0) -> bool:
+        return True
+
+
+def test_a_rank_call_admission_would_refuse_is_answered_503_before_its_route_runs(
+    settings_for: Any,
+) -> None:
+    """While admission refuses at once and every /rank call scores, the connection layer
+    answers ``POST /rank`` 503 + Retry-After in the JSON shape, keeps the connection
+    alive, and counts it (shed and /rank 503); other routes still answer."""
+    import uvicorn
+    from conftest import LiveServer
+
+    from app.http.main import create_app
+    from app.http.protocol import DOOR_KEY, AdmissionDoor, ServiceHttpToolsProtocol
+    from loadtest.processes import metric
+
+    live = LiveServer(create_app(settings_for(cache_enabled=False)))
+    config = uvicorn.Config(
+        live.app, loop="asyncio", http=ServiceHttpToolsProtocol, lifespan="on",
+        log_config=None, access_log=False, timeout_graceful_shutdown=5,
+    )  # fmt: skip
+    live.server = uvicorn.Server(config)
+    live.thread = threading.Thread(
+        target=live.server.run, kwargs={"sockets": [live.sock]}, daemon=True
+    )
+    live.start()
+    try:
+        door = live.server.lifespan.state[DOOR_KEY]
+        assert isinstance(door, AdmissionDoor) and door.admission is not None
+        with live.client() as client:
+            assert client.post("/rank", json={"task": "prequery"}).status_code == 200
+            before = client.get("/metrics").text
+        door.admission = _RefusingAdmission()  # type: ignore[assignment]
+        door._scoring = True  # as after DOOR_SAMPLE calls that all reached admission
+        body = b'{"task": "prequery"}'
+        request = RANK_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        sock = socket.create_connection(("127.0.0.1", live.port), timeout=CLOSE_WAIT_S)
+        try:
+            for _ in range(2):  # the same connection answers both
+                sock.sendall(request)
+                raw = b""
+                while b"\r\n\r\n" not in raw or not raw.endswith(b"}}"):
+                    chunk = sock.recv(65536)
+                    assert chunk, raw
+                    raw += chunk
+                head, _, payload = raw.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                assert lines[0] == "HTTP/1.1 503 Service Unavailable", raw
+                headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+                assert headers["retry-after"] == "1" and "connection" not in headers
+                assert headers["content-type"] == "application/json"
+                assert int(headers["content-length"]) == len(payload)
+                error = json.loads(payload)["error"]
+                assert error["code"] == "overloaded" and error["field"] is None
+                assert "queue_timeout_ms=100" in error["message"]
+        finally:
+            sock.close()
+        with live.client() as client:
+            assert client.get("/healthz").status_code == 200
+            after = client.get("/metrics").text
+        for name, labels in (
+            ("unicorn_shed_requests_total", {}),
+            ("unicorn_responses_total", {"route": "/rank", "status": "503"}),
+        ):
+            assert metric(after, name, **labels) - metric(before, name, **labels) == 2, name
+    finally:
+        live.stop()

@@ -25,6 +25,7 @@ from app.http.access_log import AccessLogMiddleware
 from app.http.body_limit import BodySizeLimitMiddleware
 from app.http.deps import Served
 from app.http.error_handlers import install_error_handlers
+from app.http.protocol import AdmissionDoor, ArrivalMiddleware
 from app.http.routes import ROUTE_PATHS, api_router
 from app.serving.config import Settings
 from app.serving.metrics import ServiceMetrics
@@ -84,12 +85,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics()
     metrics.init_routes(ROUTE_PATHS)
+    door = AdmissionDoor(metrics)  # the connection layer's early 503s (app.http.protocol)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         models = ModelHolder(settings, metrics)
         pipeline = RankingPipeline(settings, metrics, models, open_cache(settings, metrics))
         served = Served(settings, metrics, models, pipeline)
+        door.admission = pipeline.admission
         try:
             await models.start()
         except BundleError as exc:
@@ -107,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             sampler.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
+            door.admission = None
             await _close(served)
 
     app = FastAPI(
@@ -123,4 +127,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(AccessLogMiddleware, metrics=metrics, known_paths=ROUTE_PATHS)
+    app.add_middleware(ArrivalMiddleware, door=door)
     return app

@@ -23,7 +23,15 @@ connection:
   but only refuses a request once its head has been read, in text/plain, and keeps every
   connection open meanwhile);
 - every refusal in the service's JSON error shape (``app.http.schemas.error_body``),
-  with ``Connection: close``.
+  with ``Connection: close``;
+- admission at the door (httptools): each request's head is stamped when it completes
+  (``ARRIVAL_KEY`` in the request's scope state; ``ArrivalMiddleware`` hands it to
+  ``app.serving.admission.ARRIVED``, so a request's ``queue_timeout_ms`` runs from there),
+  and a ``POST /rank`` that admission would refuse at once is answered 503 +
+  ``Retry-After`` by ``AdmissionDoor`` as soon as its body has been read: no ASGI task, no
+  routing, no body parse, the connection kept alive. It only does so while nearly every
+  ``/rank`` call needs scoring (cache off, or nearly all misses): a cache hit needs no
+  slot and must not be refused for want of one.
 
 What is refused before a route runs is counted in ``unicorn_responses_total`` with route
 ``unmatched`` and has an access-log line (``app.http.access_log.ConnectionRefusals``,
@@ -45,19 +53,29 @@ from __future__ import annotations
 
 import asyncio
 import http
+import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import h11
 import httptools
 import orjson
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app.http.access_log import connection_refusals, set_connection_outcome
+from app.http.access_log import (
+    _request_id,
+    access_logger,
+    connection_refusals,
+    set_connection_outcome,
+)
 from app.http.schemas import error_body
+from app.serving.admission import ARRIVED, Admission
 from app.serving.config import Settings
+from app.serving.metrics import ServiceMetrics
 
 # Header lines per request (Apache's LimitRequestFields); a real client sends 5-30.
 MAX_HEADER_COUNT = 100
@@ -73,6 +91,14 @@ _HEAD_OVERHEAD = 32
 _HEADER_OVERHEAD = 4
 
 _IDLE, _HEAD, _BODY = 0, 1, 2
+# Request scope state: when the head was complete (perf_counter). Lifespan state: the
+# app's AdmissionDoor.
+ARRIVAL_KEY = "unicorn_head_complete"
+DOOR_KEY = "unicorn_admission_door"
+PASSED_KEY = "unicorn_door_passed"  # request scope state: let through by the door
+# Door refusals counted before the door decides whether nearly all /rank calls score.
+DOOR_SAMPLE = 256
+DOOR_SCORING_SHARE = 0.9  # ... the share of /rank calls reaching admission it needs
 _QUOTED_INPUT = re.compile(r": (?:bytearray\(|b['\"])")
 
 
@@ -140,6 +166,113 @@ def _head_too_large(max_head: int) -> tuple[int, str, str, str]:
         f"{MAX_HEADER_COUNT} header lines"
     )
     return 431, "headers_too_large", message, "headers"
+
+
+class AdmissionDoor:
+    """Refuses ``POST /rank`` at the connection layer while admission would refuse it at
+    once (``Admission.refuses_now``), for the price of a parse of the head: thousands a
+    second cost the loop a few percent, where each refusal through the FastAPI stack cost
+    ~0.35 ms (at 10x capacity more than the whole loop).
+
+    Only while at least ``DOOR_SCORING_SHARE`` of the ``/rank`` calls let through reach
+    admission (measured over each ``DOOR_SAMPLE`` of them): with cache hits among them,
+    a refusal at the door could refuse one that needs no slot. Each refusal is counted
+    as a 503 of ``/rank`` in ``unicorn_responses_total`` and in
+    ``unicorn_shed_requests_total``, and has its access-log line (``log``)."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.admission: Admission | None = None  # set by the lifespan
+        self._responses = metrics.responses.labels("/rank", "503")
+        self._shed = metrics.shed
+        self._scoring = False  # nearly every /rank call let through needs scoring
+        self._passed = 0
+        self._entered_mark = 0
+        self.refused = 0
+        # Let through, their route not started yet (``ArrivalMiddleware`` counts them off):
+        # the requests read in one turn all reach admission in the next.
+        self.in_transit = 0
+        self._headers: list[tuple[bytes, bytes]] | None = None
+        self._response = b""
+
+    def admits(self) -> bool:
+        """Whether a ``/rank`` call whose head just completed may go on to its route."""
+        admission = self.admission
+        if admission is None:
+            self.in_transit += 1
+            return True
+        if self._scoring and admission.refuses_now(self.in_transit):
+            self.refused += 1
+            self._responses.inc()
+            self._shed.inc()
+            return False
+        self.in_transit += 1
+        self._passed += 1
+        if self._passed >= DOOR_SAMPLE:
+            entered = admission.entered - self._entered_mark
+            self._scoring = entered >= DOOR_SCORING_SHARE * self._passed
+            self._passed, self._entered_mark = 0, admission.entered
+        return True
+
+    def log(self, method: str, path: str, arrived: float, request_id: str) -> None:
+        """The refusal's access-log line (the fields the access-log middleware writes)."""
+        if not access_logger.isEnabledFor(logging.INFO):
+            return
+        line = {
+            "request_id": request_id,
+            "method": method,
+            "path": path,
+            "route": "/rank",
+            "status": 503,
+            "latency_ms": round((time.perf_counter() - arrived) * 1000.0, 3),
+            "error": "overloaded: refused before its body was parsed (the scoring queue "
+            "was longer than queue_timeout_ms)",
+        }
+        access_logger.info("access", extra={"access": line})
+
+    def response(self, default_headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:
+        """The whole 503 (the JSON error shape, ``Retry-After: 1``)."""
+        if default_headers is not self._headers:  # uvicorn renews them (the date) each second
+            admission = self.admission
+            timeout_ms = admission.queue_timeout_s * 1000 if admission is not None else 0.0
+            slots = admission.min_slots if admission is not None else 0
+            message = (
+                f"the requests queued ahead would take longer than queue_timeout_ms="
+                f"{timeout_ms:g} (max_in_flight={slots}); retry shortly"
+            )
+            self._response = error_response(
+                503, "overloaded", message, None, [*default_headers, (b"retry-after", b"1")]
+            ).replace(b"connection: close\r\n", b"")
+            self._headers = default_headers
+        if keep_alive:
+            return self._response
+        return self._response.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
+
+
+class ArrivalMiddleware:
+    """Pure ASGI, outermost: hands the time a request's head completed (stamped by the
+    protocol) to admission (``ARRIVED``, in the request's own task), and the app's
+    ``AdmissionDoor`` to the protocol (through the lifespan state)."""
+
+    def __init__(self, app: ASGIApp, door: AdmissionDoor) -> None:
+        self.app = app
+        self.door = door
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.get("state")
+        if scope["type"] == "http" and state is not None:
+            arrived = state.get(ARRIVAL_KEY)
+            if arrived is not None:
+                if PASSED_KEY in state:  # let through by the door
+                    self.door.in_transit = max(0, self.door.in_transit - 1)
+                token = ARRIVED.set(arrived)
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    ARRIVED.reset(token)
+                return
+        elif scope["type"] == "lifespan" and isinstance(state, dict):
+            state[DOOR_KEY] = self.door  # uvicorn hands this to each connection
+        await self.app(scope, receive, send)
 
 
 class _Refused(Exception):
@@ -327,6 +460,11 @@ class ServiceHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):
         self._init_guard()
         self._counting = True  # bytes are head bytes: before a message's head is complete
         self._head_bytes = 0
+        door = self.app_state.get(DOOR_KEY)
+        self._door = door if isinstance(door, AdmissionDoor) else None
+        self._shedding = False  # the message being read was refused at the door
+        self._shed_at = 0.0
+        self._shed_keep_alive = True
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -418,11 +556,47 @@ class ServiceHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):
         self._counting = False
         self._head_bytes = 0
         self._arm(_BODY, self._body_timeout)
+        state = self.scope["state"]
+        door = self._door
+        if (
+            door is not None
+            and (self.url == b"/rank" or self.url.startswith(b"/rank?"))
+            and self.parser.get_method() == b"POST"
+            and (self.cycle is None or self.cycle.response_complete)
+            and not self.pipeline
+        ):
+            if not door.admits():
+                # Refused: the body is read and dropped, the 503 written once complete.
+                self._shedding = True
+                self._shed_at = time.perf_counter()
+                self._shed_keep_alive = (
+                    self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+                )
+                return
+            state[PASSED_KEY] = True
+        state[ARRIVAL_KEY] = time.perf_counter()
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._shedding:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._phase = _IDLE  # _disarm, inline: this runs per request
         self._counting = True
+        if self._shedding:
+            self._shedding = False
+            keep_alive = self._shed_keep_alive
+            door = self._door
+            assert door is not None
+            self.transport.write(door.response(self.server_state.default_headers, keep_alive))
+            request_id = _request_id({"headers": self.headers})  # the client's when sane
+            door.log("POST", self.url.decode("latin-1")[:200], self._shed_at, request_id)
+            if keep_alive:
+                self.on_response_complete()  # keep-alive timer, reading resumed
+            else:
+                self.transport.close()
+            return
         super().on_message_complete()
 
 
