@@ -361,31 +361,29 @@ class _ConnectionGuard:
         if now < self._deadline:
             self._timer = self.loop.call_at(min(self._deadline, now + self._tick), self._on_timer)
             return
-        if self._phase == _HEAD:
-            if not self._received:  # connected and said nothing: nothing to answer
-                self._stop_timer()
-                self.transport.close()
-                return
-            self._refuse(
-                408,
-                "request_timeout",
-                f"request headers not received within {self._header_timeout:g} s",
-                None,
-            )
-        else:
-            cycle = self._request_cycle()
-            if cycle is None:  # answered already (e.g. refused early), body still coming
-                self._stop_timer()
-                self.transport.close()
-                return
-            self._refuse(
-                408,
-                "request_timeout",
-                f"request body not received within {self._body_timeout:g} s",
-                "body",
-            )
+        head = self._phase == _HEAD
+        # Connected and said nothing, or answered already (e.g. refused early) while the
+        # body still comes: nothing to answer, the connection just ends.
+        nothing_to_answer = (not self._received) if head else (self._request_cycle() is None)
+        if nothing_to_answer:
+            self._stop_timer()
+            self.transport.close()
+            return
+        part, limit = ("headers", self._header_timeout) if head else ("body", self._body_timeout)
+        message = f"request {part} not received within {limit:g} s"
+        self._refuse(408, "request_timeout", message, None if head else "body")
 
     # --- refusals -------------------------------------------------------------------------
+    # The two uvicorn protocols below come after this mixin in their bases: super() is theirs.
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        if not self._over_cap():
+            self._arm(_HEAD, self._header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client_gone()
+        super().connection_lost(exc)  # type: ignore[misc]
+
     def _request_cycle(self) -> Any:
         """The cycle of the request whose route runs and whose body is being read, if
         any (its answer is not complete)."""
@@ -465,15 +463,6 @@ class ServiceHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):
         self._shedding = False  # the message being read was refused at the door
         self._shed_at = 0.0
         self._shed_keep_alive = True
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if not self._over_cap():
-            self._arm(_HEAD, self._header_timeout)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._client_gone()
-        super().connection_lost(exc)
 
     def _request_cycle(self) -> Any:
         cycle = self.cycle
@@ -636,15 +625,6 @@ class ServiceH11Protocol(_ConnectionGuard, H11Protocol):
         self._guarded = _GuardedH11Connection(h11.SERVER, self._max_head)
         self._guarded.max_target_bytes = self._max_url
         self.conn = self._guarded
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if not self._over_cap():
-            self._arm(_HEAD, self._header_timeout)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._client_gone()
-        super().connection_lost(exc)
 
     def _request_cycle(self) -> Any:
         cycle = self.cycle  # h11 reads no further request until this one is answered
