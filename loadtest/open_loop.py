@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import numpy as np
@@ -43,7 +43,49 @@ class Sample:
         return self.status == 503 and self.problem == "503 overloaded"
 
 
-class LoadRunner:
+class _Runner:
+    """The lifecycle both load runners share: a background thread that sets ``_ready``
+    once it can send, records ``samples`` until ``_stop``, timed from ``started``."""
+
+    samples: list[Sample]
+    started: float
+    timeout_s: float
+    _stop: threading.Event
+    _ready: threading.Event
+    _thread: threading.Thread
+
+    def _ready_s(self) -> float:
+        raise NotImplementedError
+
+    def _not_ready(self) -> str:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        """Start sending (after the runner's unrecorded first contact with the server)."""
+        self._thread.start()
+        if not self._ready.wait(self._ready_s()):
+            raise RuntimeError(self._not_ready())
+        return self
+
+    def now(self) -> float:
+        """Seconds since the run started (the clock of ``Sample.at``)."""
+        return time.monotonic() - self.started
+
+    def stop(self) -> list[Sample]:
+        self._stop.set()
+        self._thread.join(self.timeout_s + 30)
+        return sorted(self.samples, key=lambda s: s.at)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Self]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+
+class LoadRunner(_Runner):
     """POSTs ``bodies`` (round robin) to ``{url}/rank`` at ``rate`` per second, open loop,
     from a background thread until ``stop``. ``check(index, response_json)`` may return a
     reason to count a 200 as failed (e.g. a mixed-version answer)."""
@@ -61,29 +103,11 @@ class LoadRunner:
         self._stop, self._ready = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
-    def start(self) -> LoadRunner:
-        """Start sending (after one unrecorded warm-up call that opens a connection)."""
-        self._thread.start()
-        if not self._ready.wait(self.timeout_s + 30):
-            raise RuntimeError(f"load: no answer from {self.url}/healthz")
-        return self
+    def _ready_s(self) -> float:
+        return self.timeout_s + 30
 
-    def now(self) -> float:
-        """Seconds since the run started (the clock of ``Sample.at``)."""
-        return time.monotonic() - self.started
-
-    def stop(self) -> list[Sample]:
-        self._stop.set()
-        self._thread.join(self.timeout_s + 30)
-        return sorted(self.samples, key=lambda s: s.at)
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[LoadRunner]:
-        self.start()
-        try:
-            yield self
-        finally:
-            self.stop()
+    def _not_ready(self) -> str:
+        return f"load: no answer from {self.url}/healthz"
 
     async def _run(self) -> None:
         limits = httpx.Limits(max_connections=self.connections)
@@ -224,7 +248,7 @@ class _RawConnection(asyncio.Protocol):
         self.runner.lost(self)
 
 
-class RawLoadRunner:
+class RawLoadRunner(_Runner):
     """Like ``LoadRunner`` (same ``start`` / ``stop`` / ``running`` / ``samples``), for rates
     an httpx client cannot offer (thousands of calls a second from one core): raw
     HTTP/1.1 keep-alive connections on uvloop, opened as needed up to ``connections``;
@@ -259,27 +283,11 @@ class RawLoadRunner:
         self._thread = threading.Thread(target=self._main, daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self) -> RawLoadRunner:
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError(f"load: cannot connect to {self.host}:{self.port}")
-        return self
+    def _ready_s(self) -> float:
+        return 30.0
 
-    def now(self) -> float:
-        return time.monotonic() - self.started
-
-    def stop(self) -> list[Sample]:
-        self._stop.set()
-        self._thread.join(self.timeout_s + 30)
-        return sorted(self.samples, key=lambda s: s.at)
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[RawLoadRunner]:
-        self.start()
-        try:
-            yield self
-        finally:
-            self.stop()
+    def _not_ready(self) -> str:
+        return f"load: cannot connect to {self.host}:{self.port}"
 
     # --- called by the connections ---
     def record(self, sample: Sample) -> None:
