@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from app.core.context import TASKS
-from app.core.table_io import TableError, load_table, save_table
+from app.core.table_io import load_as, save_table
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,4 @@ class EngagementLog:
 
     @classmethod
     def load(cls, path: Path) -> EngagementLog:
-        names = tuple(f.name for f in fields(cls))
-        try:
-            return cls.from_columns(load_table(path, required=names))
-        except ValueError as exc:
-            if isinstance(exc, TableError):
-                raise
-            raise TableError(f"{path}: {exc}") from exc
+        return load_as(path, tuple(f.name for f in fields(cls)), cls.from_columns)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.core.table_io import TableError, load_table, save_table
+from app.core.table_io import load_as, save_table
 
 RANKABLE_TYPES: tuple[str, ...] = ("video", "game")
 COLUMNS: tuple[str, ...] = (
@@ -169,9 +169,4 @@ class Catalogue:
 
     @classmethod
     def load(cls, path: Path) -> Catalogue:
-        try:
-            return cls.from_columns(load_table(path, required=COLUMNS))
-        except ValueError as exc:
-            if isinstance(exc, TableError):
-                raise
-            raise TableError(f"{path}: {exc}") from exc
+        return load_as(path, COLUMNS, cls.from_columns)

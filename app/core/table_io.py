@@ -6,9 +6,13 @@ disk; this module is the one place that reads and writes them, and checks their 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 class TableError(ValueError):
@@ -35,3 +39,17 @@ def load_table(path: Path, required: tuple[str, ...] = ()) -> dict[str, np.ndarr
     if missing:
         raise TableError(f"{path}: missing required column(s) {missing}")
     return columns
+
+
+def load_as(
+    path: Path, required: tuple[str, ...], build: Callable[[dict[str, np.ndarray]], T]
+) -> T:
+    """``build`` the object a table holds; a ``ValueError`` it raises (inconsistent
+    columns) becomes a ``TableError`` naming the file."""
+    columns = load_table(path, required=required)
+    try:
+        return build(columns)
+    except ValueError as exc:
+        if isinstance(exc, TableError):
+            raise
+        raise TableError(f"{path}: {exc}") from exc
