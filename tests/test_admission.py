@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from app.core.errors import Overloaded
-from app.serving.admission import ARRIVED, TURN_SHARE, WINDOW_S, Admission
+from app.serving.admission import TURN_SHARE, WINDOW_S, Admission
 
 pytestmark = pytest.mark.anyio
 
@@ -188,17 +188,10 @@ async def test_a_request_older_than_the_queue_timeout_is_refused_at_once(
     clock = FakeClock()
     admission = Admission(1, 0.1, clock=clock)
     await admission.enter()  # every slot taken
-    token = ARRIVED.set(clock.now - 0.15)
-    try:
-        with pytest.raises(Overloaded) as info:
-            finish_without_waiting(admission.enter())
-        assert "waited before admission for longer than queue_timeout_ms=100" in (
-            info.value.message
-        )
-        ARRIVED.set(clock.now - 0.04)
-        queued = asyncio.create_task(admission.enter())  # the task copies the context
-    finally:
-        ARRIVED.reset(token)
+    with pytest.raises(Overloaded) as info:
+        finish_without_waiting(admission.enter(arrived=clock.now - 0.15))
+    assert "waited before admission for longer than queue_timeout_ms=100" in (info.value.message)
+    queued = asyncio.create_task(admission.enter(arrived=clock.now - 0.04))
     await asyncio.sleep(0)
     assert admission.waiting == 1 and not queued.done()
     admission.leave(0.0)
@@ -209,11 +202,7 @@ async def test_a_stale_request_still_takes_a_free_slot() -> None:
     """Staleness only decides who is refused when every slot is taken."""
     clock = FakeClock()
     admission = Admission(1, 0.1, clock=clock)
-    token = ARRIVED.set(clock.now - 10.0)
-    try:
-        await admission.enter()
-    finally:
-        ARRIVED.reset(token)
+    await admission.enter(arrived=clock.now - 10.0)
     assert admission.entered == 1
 
 

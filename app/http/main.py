@@ -25,7 +25,7 @@ from app.http.access_log import AccessLogMiddleware
 from app.http.body_limit import BodySizeLimitMiddleware
 from app.http.deps import Served
 from app.http.error_handlers import install_error_handlers
-from app.http.protocol import AdmissionDoor, ArrivalMiddleware
+from app.http.protocol import AdmissionDoor, DoorMiddleware
 from app.http.routes import ROUTE_PATHS, api_router
 from app.serving.config import Settings
 from app.serving.metrics import ServiceMetrics
@@ -127,5 +127,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(AccessLogMiddleware, metrics=metrics, known_paths=ROUTE_PATHS)
-    app.add_middleware(ArrivalMiddleware, door=door)
+    app.add_middleware(DoorMiddleware, door=door)
     return app

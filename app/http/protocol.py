@@ -25,8 +25,8 @@ connection:
 - every refusal in the service's JSON error shape (``app.http.schemas.error_body``),
   with ``Connection: close``;
 - admission at the door (httptools): each request's head is stamped when it completes
-  (``ARRIVAL_KEY`` in the request's scope state; ``ArrivalMiddleware`` hands it to
-  ``app.serving.admission.ARRIVED``, so a request's ``queue_timeout_ms`` runs from there),
+  (``ARRIVAL_KEY`` in the request's scope state; the ``/rank`` route hands it to
+  admission, so a request's ``queue_timeout_ms`` runs from there),
   and a ``POST /rank`` that admission would refuse at once is answered 503 +
   ``Retry-After`` by ``AdmissionDoor`` as soon as its body has been read: no ASGI task, no
   routing, no body parse, the connection kept alive. It only does so while nearly every
@@ -73,7 +73,7 @@ from app.http.access_log import (
     set_connection_outcome,
 )
 from app.http.schemas import error_body
-from app.serving.admission import ARRIVED, Admission
+from app.serving.admission import Admission
 from app.serving.config import Settings
 from app.serving.metrics import ServiceMetrics
 
@@ -188,7 +188,7 @@ class AdmissionDoor:
         self._passed = 0
         self._entered_mark = 0
         self.refused = 0
-        # Let through, their route not started yet (``ArrivalMiddleware`` counts them off):
+        # Let through, their route not started yet (``DoorMiddleware`` counts them off):
         # the requests read in one turn all reach admission in the next.
         self.in_transit = 0
         self._headers: list[tuple[bytes, bytes]] | None = None
@@ -248,10 +248,10 @@ class AdmissionDoor:
         return self._response.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
 
 
-class ArrivalMiddleware:
-    """Pure ASGI, outermost: hands the time a request's head completed (stamped by the
-    protocol) to admission (``ARRIVED``, in the request's own task), and the app's
-    ``AdmissionDoor`` to the protocol (through the lifespan state)."""
+class DoorMiddleware:
+    """Pure ASGI, outermost: counts a request the door let through off ``in_transit`` as
+    it enters the app, and hands the app's ``AdmissionDoor`` to the protocol (through the
+    lifespan state)."""
 
     def __init__(self, app: ASGIApp, door: AdmissionDoor) -> None:
         self.app = app
@@ -260,16 +260,8 @@ class ArrivalMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope.get("state")
         if scope["type"] == "http" and state is not None:
-            arrived = state.get(ARRIVAL_KEY)
-            if arrived is not None:
-                if PASSED_KEY in state:  # let through by the door
-                    self.door.in_transit = max(0, self.door.in_transit - 1)
-                token = ARRIVED.set(arrived)
-                try:
-                    await self.app(scope, receive, send)
-                finally:
-                    ARRIVED.reset(token)
-                return
+            if PASSED_KEY in state:  # let through by the door
+                self.door.in_transit = max(0, self.door.in_transit - 1)
         elif scope["type"] == "lifespan" and isinstance(state, dict):
             state[DOOR_KEY] = self.door  # uvicorn hands this to each connection
         await self.app(scope, receive, send)

@@ -21,6 +21,7 @@ from fastapi.routing import APIRoute
 from app.core.errors import Forbidden, NotFound, Unauthorized, UnsupportedMediaType
 from app.http.access_log import access_record, describe_rank, hash_user
 from app.http.deps import ServedDep, served_or_none
+from app.http.protocol import ARRIVAL_KEY
 from app.http.sampling import sample_catalogue
 from app.http.schemas import (
     SAMPLE_MAX,
@@ -126,7 +127,8 @@ async def rank(request: Request, served: ServedDep) -> JsonResponse:
             req.query,
             served.settings.log_queries,
         )
-    outcome = await served.pipeline.rank(req.to_query(), model, started)
+    arrived = request.scope.get("state", {}).get(ARRIVAL_KEY)  # when its head was read
+    outcome = await served.pipeline.rank(req.to_query(), model, started, arrived)
     if record is not None:
         record.cache = outcome.cache
         record.n_candidates = outcome.n_candidates

@@ -1,8 +1,8 @@
 """Admission control: scoring slots for one event loop, first come, first served.
 
-``await admission.enter()`` takes a slot or raises ``Overloaded`` (503 + Retry-After).
-A request's ``queue_timeout`` runs from when the connection layer read its head
-(``ARRIVED``, set per request; from ``enter()`` without it), so the time it waited in the
+``await admission.enter(arrived)`` takes a slot or raises ``Overloaded`` (503 +
+Retry-After). A request's ``queue_timeout`` runs from when the connection layer read its
+head (``arrived``; from ``enter()`` when unknown), so the time it waited in the
 loop's ready queue before its handler ran counts. With every slot taken it is refused:
 
 - at once, when it is already older than ``queue_timeout`` (it would only be scored
@@ -39,7 +39,6 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from contextvars import ContextVar
 
 from app.core.errors import Overloaded
 
@@ -48,10 +47,6 @@ TARGET_SHARE = 0.5  # scoring's share of the loop below which slots are added
 RELEASE_SHARE = 0.8  # ... and above which (or with nobody waiting) they are taken back
 TURN_SHARE = 0.25  # the most scoring one turn may hold, as a fraction of queue_timeout
 GRANTS_SEEN = 129  # grants the queue's pace is measured over
-
-# When the current request's head was read (on the admission's clock, ``perf_counter``):
-# set by the web layer for each request; ``None`` = unknown (the wait runs from enter()).
-ARRIVED: ContextVar[float | None] = ContextVar("unicorn_request_arrived", default=None)
 
 
 class Admission:
@@ -92,13 +87,14 @@ class Admission:
         if on_slots is not None:
             on_slots(slots)
 
-    async def enter(self) -> None:
-        """Take a slot, or raise ``Overloaded``."""
+    async def enter(self, arrived: float | None = None) -> None:
+        """Take a slot, or raise ``Overloaded``. ``arrived``: when the request's head was
+        read, on this admission's clock (``perf_counter``); ``None``: unknown, the wait
+        runs from now."""
         self.entered += 1
         if not self._semaphore.locked():
             await self._semaphore.acquire()  # a free slot: no suspension
             return
-        arrived = ARRIVED.get()
         budget = self.queue_timeout_s - self.turn_s
         if arrived is not None:
             budget -= self._clock() - arrived

@@ -108,10 +108,15 @@ class RankingPipeline:
         return None if self.cache is None else await self.cache.check()
 
     async def rank(
-        self, q: RankQuery, model: ServingModel | None = None, started: float | None = None
+        self,
+        q: RankQuery,
+        model: ServingModel | None = None,
+        started: float | None = None,
+        arrived: float | None = None,
     ) -> RankOutcome:
         """Answer ``q`` on ``model`` (default: the current one). ``started``
-        (``perf_counter``) is when the request began, so the latency includes the parse."""
+        (``perf_counter``) is when the request began, so the latency includes the parse;
+        ``arrived`` when its head was read, where admission's wait runs from."""
         started = time.perf_counter() if started is None else started
         model = model or self.models.current()
         ranker = model.ranker
@@ -144,7 +149,7 @@ class RankingPipeline:
             read = MISS
         n_candidates: int | None = None
         if items is None:
-            result = await self._score(model, q, ctx)
+            result = await self._score(model, q, ctx, arrived)
             items = [
                 {
                     "entity_id": i.entity_id,
@@ -186,9 +191,11 @@ class RankingPipeline:
             return None
         return items
 
-    async def _score(self, model: ServingModel, q: RankQuery, ctx: Context) -> RankResult:
+    async def _score(
+        self, model: ServingModel, q: RankQuery, ctx: Context, arrived: float | None
+    ) -> RankResult:
         try:
-            await self.admission.enter()
+            await self.admission.enter(arrived)
         except Overloaded:
             self.metrics.shed.inc()
             raise
