@@ -119,18 +119,6 @@ class RedisServer:
         wait_until(answers, 10)
         return self
 
-    def command(self, *args: str) -> bytes:
-        """One command; its reply as RESP's first line (``b":42"``, ``b"+OK"``; b"" on
-        error), for the tests that read it so."""
-        try:
-            with self.client() as r:
-                reply = r.execute_command(*args)
-        except redis.RedisError:
-            return b""
-        if isinstance(reply, int) and not isinstance(reply, bool):
-            return b":%d" % reply
-        return b"+" + (reply if isinstance(reply, bytes) else str(reply).encode())
-
     def dbsize(self) -> int:
         with self.client() as r:
             return int(r.dbsize())
