@@ -11,6 +11,7 @@ asserts how long anything took.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -508,3 +509,39 @@ def test_a_rank_call_admission_would_refuse_is_answered_503_before_its_route_run
             assert metric(after, name, **labels) - metric(before, name, **labels) == 2, name
     finally:
         live.stop()
+
+
+def test_door_refusals_are_logged_one_line_then_one_summary_per_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A flood of door refusals writes the window's first refusal in full and the rest as
+    one summary line with their count, at the window's end (a loop timer), then a new
+    window starts with a full line: nothing refused goes unlogged, and a 10x flood does not
+    pay a log line per refusal."""
+    from app.http.protocol import DOOR_LOG_WINDOW_S, AdmissionDoor
+    from app.serving.metrics import ServiceMetrics
+
+    now = [100.0]
+    door = AdmissionDoor(ServiceMetrics(), clock=lambda: now[0])
+
+    def lines() -> list[dict[str, Any]]:
+        return [r.access for r in caplog.records if hasattr(r, "access")]
+
+    async def flood() -> None:
+        for i in range(5):
+            door.log("POST", "/rank", now[0] - 0.002, f"r{i}")
+            now[0] += DOOR_LOG_WINDOW_S / 10
+        assert [line["request_id"] for line in lines()] == ["r0"]  # the rest wait
+        assert lines()[0]["latency_ms"] == pytest.approx(2.0)
+        await asyncio.sleep(DOOR_LOG_WINDOW_S * 1.2)  # the window's timer writes the summary
+        now[0] += DOOR_LOG_WINDOW_S
+        door.log("POST", "/rank", now[0], "r5")  # a new window: a full line again
+
+    with caplog.at_level(logging.INFO, logger="unicorn.access"):
+        asyncio.run(flood())
+    logged = lines()
+    assert [line.get("request_id") for line in logged] == ["r0", None, "r5"], logged
+    summary = logged[1]
+    assert summary["refused"] == 4 and summary["status"] == 503 and summary["route"] == "/rank"
+    door.log_summary()  # nothing pending: no line
+    assert len(lines()) == 3

@@ -249,3 +249,36 @@ def test_changing_task_country_level_or_query_always_changes_the_key(
         "query": {"query": a.query + " "},
     }
     assert cache_key(dataclasses.replace(a, **changes[field])) != cache_key(a)
+
+
+def test_onnxruntime_writes_nothing_under_the_home_or_cache_dirs(
+    fast_bundle: Path, tmp_path: Path
+) -> None:
+    """Loading and scoring a bundle in a fresh process leaves $HOME and $XDG_CACHE_HOME
+    empty: onnxruntime's telemetry (a device id and a database under
+    ~/.cache/Microsoft/DeveloperTools) is off before it loads."""
+    import os
+    import subprocess
+    import sys
+
+    home, cache = tmp_path / "home", tmp_path / "cache"
+    home.mkdir()
+    cache.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(cache))
+    script = (
+        "import sys; from app.core.bundle import load_bundle; "
+        "from app.core.ranking import Ranker, RankQuery; "
+        "ranker = Ranker(load_bundle(sys.argv[1])); "
+        "print(len(ranker.rank(RankQuery(task='prequery', k=5)).items))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(fast_bundle)], env=env, capture_output=True,
+        text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "5"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [
+        Path("cache"),
+        Path("home"),
+    ]

@@ -3,8 +3,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+# No usage telemetry: with this variable unset when onnxruntime loads, it writes a device
+# id and a database under $XDG_CACHE_HOME (~/.cache/Microsoft/DeveloperTools), which
+# ``disable_telemetry_events`` alone does not stop. A deployment may still set it itself.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import numpy as np
 import onnxruntime as ort
@@ -13,8 +19,8 @@ from app.core.errors import BundleError
 
 OUTPUT_NAME = "probability"
 
-# No usage telemetry, and onnxruntime's own (non-JSON, colour-coded) log lines only for
-# errors: the service's log stream stays one JSON object per line.
+# onnxruntime's own (non-JSON, colour-coded) log lines only for errors: the service's log
+# stream stays one JSON object per line.
 ort.disable_telemetry_events()
 ort.set_default_logger_severity(3)
 

@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sampler.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
             door.admission = None
+            door.log_summary()  # the refusals of a window cut short
             await _close(served)
 
     app = FastAPI(

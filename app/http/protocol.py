@@ -99,6 +99,10 @@ PASSED_KEY = "unicorn_door_passed"  # request scope state: let through by the do
 # Door refusals counted before the door decides whether nearly all /rank calls score.
 DOOR_SAMPLE = 256
 DOOR_SCORING_SHARE = 0.9  # ... the share of /rank calls reaching admission it needs
+# The door logs the first refusal of each window in full and the rest of it as one summary
+# line at its end: at 10x capacity a line per refusal cost the loop ~12 µs each, 5% of the
+# core that the accepted requests need (docs/RELIABILITY.md, "Overload").
+DOOR_LOG_WINDOW_S = 1.0
 _QUOTED_INPUT = re.compile(r": (?:bytearray\(|b['\"])")
 
 
@@ -168,6 +172,12 @@ def _head_too_large(max_head: int) -> tuple[int, str, str, str]:
     return 431, "headers_too_large", message, "headers"
 
 
+_DOOR_ERROR = (
+    "overloaded: refused before its body was parsed (the scoring queue was longer than "
+    "queue_timeout_ms)"
+)
+
+
 class AdmissionDoor:
     """Refuses ``POST /rank`` at the connection layer while admission would refuse it at
     once (``Admission.refuses_now``), for the price of a parse of the head: thousands a
@@ -178,9 +188,12 @@ class AdmissionDoor:
     admission (measured over each ``DOOR_SAMPLE`` of them): with cache hits among them,
     a refusal at the door could refuse one that needs no slot. Each refusal is counted
     as a 503 of ``/rank`` in ``unicorn_responses_total`` and in
-    ``unicorn_shed_requests_total``, and has its access-log line (``log``)."""
+    ``unicorn_shed_requests_total``, and logged (``log``): the first of each
+    ``DOOR_LOG_WINDOW_S`` with its own access-log line, the others of the window in one
+    summary line at its end (``refused``: how many)."""
 
-    def __init__(self, metrics: ServiceMetrics) -> None:
+    def __init__(self, metrics: ServiceMetrics, clock: Any = time.perf_counter) -> None:
+        self.clock = clock
         self.admission: Admission | None = None  # set by the lifespan
         self._responses = metrics.responses.labels("/rank", "503")
         self._shed = metrics.shed
@@ -193,6 +206,9 @@ class AdmissionDoor:
         self.in_transit = 0
         self._headers: list[tuple[bytes, bytes]] | None = None
         self._response = b""
+        self._window_start = -DOOR_LOG_WINDOW_S  # when the last full refusal line was written
+        self._unlogged = 0  # refusals of the window not logged yet
+        self._summary: asyncio.TimerHandle | None = None
 
     def admits(self) -> bool:
         """Whether a ``/rank`` call whose head just completed may go on to its route."""
@@ -214,19 +230,46 @@ class AdmissionDoor:
         return True
 
     def log(self, method: str, path: str, arrived: float, request_id: str) -> None:
-        """The refusal's access-log line (the fields the access-log middleware writes)."""
+        """The refusal's access-log line (the fields the access-log middleware writes), or,
+        within ``DOOR_LOG_WINDOW_S`` of the last one, a count towards the window's summary
+        line (written ``DOOR_LOG_WINDOW_S`` after that line, by a loop timer)."""
         if not access_logger.isEnabledFor(logging.INFO):
             return
+        now = self.clock()
+        if now - self._window_start < DOOR_LOG_WINDOW_S:
+            self._unlogged += 1
+            if self._summary is None:
+                delay = self._window_start + DOOR_LOG_WINDOW_S - now
+                self._summary = asyncio.get_running_loop().call_later(delay, self.log_summary)
+            return
+        self.log_summary()  # a window that ended without its timer having run yet
+        self._window_start = now
         line = {
             "request_id": request_id,
             "method": method,
             "path": path,
             "route": "/rank",
             "status": 503,
-            "latency_ms": round((time.perf_counter() - arrived) * 1000.0, 3),
-            "error": "overloaded: refused before its body was parsed (the scoring queue "
-            "was longer than queue_timeout_ms)",
+            "latency_ms": round((now - arrived) * 1000.0, 3),
+            "error": _DOOR_ERROR,
         }
+        access_logger.info("access", extra={"access": line})
+
+    def log_summary(self) -> None:
+        """The summary line of the refusals not logged one by one since the last full line."""
+        if self._summary is not None:
+            self._summary.cancel()
+            self._summary = None
+        if not self._unlogged:
+            return
+        line = {
+            "route": "/rank",
+            "status": 503,
+            "refused": self._unlogged,
+            "window_s": DOOR_LOG_WINDOW_S,
+            "error": _DOOR_ERROR + f"; {self._unlogged} refusals after the last line logged",
+        }
+        self._unlogged = 0
         access_logger.info("access", extra={"access": line})
 
     def response(self, default_headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:
