@@ -27,7 +27,7 @@ from model_export.engagement_log import EngagementLog
 from model_export.model import ModelConfig, UniCoRn
 from model_export.pretrain import fit_clusters, train_item_vectors
 from model_export.split import history_split, temporal_split
-from model_export.table_builder import build_feature_tables
+from model_export.table_builder import build_feature_tables, nearest_items
 from model_export.train import TrainConfig, train_model
 
 
@@ -99,8 +99,9 @@ def prepare(catalogue: Catalogue, log: EngagementLog, config: PipelineConfig) ->
     timings["pretrain"] = time.perf_counter() - t
     t = time.perf_counter()
     text = TextIndex.build(catalogue)
-    history_tables = build_feature_tables(history, catalogue, item_vec, centroids)
-    serving_tables = build_feature_tables(train, catalogue, item_vec, centroids)
+    neighbours = nearest_items(item_vec)  # of the item space: the same for both windows
+    history_tables = build_feature_tables(history, catalogue, item_vec, centroids, neighbours)
+    serving_tables = build_feature_tables(train, catalogue, item_vec, centroids, neighbours)
     timings["tables"] = time.perf_counter() - t
     return Prepared(
         catalogue, log, train, test, fit, text, history_tables, serving_tables, config, timings

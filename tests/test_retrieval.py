@@ -1,16 +1,19 @@
-"""Candidate retrieval (app.core.retrieval) on the hand-built world of ``hand_world``."""
+"""Candidate retrieval (app.core.retrieval) on the hand-built world of ``hand_world``, and
+against a dense oracle (the whole catalogue scored) on a real bundle."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import hand_world
 import numpy as np
 import pytest
 
 from app.core.catalogue import Catalogue
-from app.core.context import TASKS, Personalization, impute_context
-from app.core.features import COL, FeatureBuilder
+from app.core.context import TASKS, Personalization, Task, impute_context
+from app.core.features import COL, ContextFeatures, FeatureBuilder
 from app.core.retrieval import CandidateRetriever
 from app.core.text_index import TextIndex
 
@@ -281,9 +284,8 @@ def matched(retriever: CandidateRetriever, query: str) -> list[str]:
     the slate before its popularity top-up."""
     ctx = impute_context("search", "u", query, "US", None, lambda _: None)
     cf = retriever.features.context(ctx, Personalization.NONE)
-    score = retriever._search_scores(cf)
-    hits = np.flatnonzero(score > 0)
-    hits = hits[np.argsort(-score[hits], kind="stable")]
+    ids, score = retriever._search(cf)
+    hits = ids[np.lexsort((ids, -score))]
     return retriever.catalogue.entity_id[hits].tolist()
 
 
@@ -337,7 +339,7 @@ def test_a_short_token_is_not_matched_with_a_typo(films: CandidateRetriever) -> 
 def test_an_exact_token_outranks_a_typo_of_it(films: CandidateRetriever) -> None:
     ctx = impute_context("search", "u", "the godfahter", "US", None, lambda _: None)
     cf = films.features.context(ctx, Personalization.NONE)
-    score = films._search_scores(cf)
+    score = _search_score(films, cf)
     idx = films.catalogue.index
     text = films.text
     containment = np.isin(text.name_trigrams[idx["m_god"]], cf.trigrams).sum() / len(cf.trigrams)
@@ -349,7 +351,15 @@ def test_an_exact_token_outranks_a_typo_of_it(films: CandidateRetriever) -> None
         impute_context("search", "u", "the godfather", "US", None, lambda _: None),
         Personalization.NONE,
     )
-    assert films._search_scores(exact)[idx["m_god"]] > score[idx["m_god"]]
+    assert _search_score(films, exact)[idx["m_god"]] > score[idx["m_god"]]
+
+
+def _search_score(retriever: CandidateRetriever, cf: ContextFeatures) -> np.ndarray:
+    """The first-stage search score of every entity (0: not matched)."""
+    ids, score = retriever._search(cf)
+    dense = np.zeros(retriever.n)
+    dense[ids] = score
+    return dense
 
 
 # ---------------------------------------------------------- search text features
@@ -426,3 +436,120 @@ def test_trigram_containment_is_word_anchored(films: CandidateRetriever) -> None
     d = text_features(films, "godfahter", "m_god", "m_heat")
     assert d["m_god"]["trigram_containment"] >= 0.5  # "$go" of the second word counts
     assert d["m_heat"]["trigram_containment"] == 0
+
+
+# ----------------------------------------------- the sparse first stage vs a dense oracle
+def _dense_reference(r: CandidateRetriever, cf: ContextFeatures, limit: int) -> np.ndarray:
+    """The first stage scored over the whole catalogue (what ``CandidateRetriever`` did
+    before it read only what a request touches): the oracle its answers must equal."""
+    from app.core.retrieval import CLUSTER_WEIGHT, FUZZY_WEIGHT, SEARCH_POP_WEIGHT, USER_WEIGHT
+    from app.core.text_index import TRIGRAM_MATCH
+
+    f, n = r.features, r.n
+    score = np.zeros(n)
+    task = cf.context.task
+    if task is Task.SEARCH:
+        token_hits, fuzzy_hits = np.zeros(n), np.zeros(n)
+        for i, tok in enumerate(cf.tokens):
+            exact = np.zeros(n, dtype=bool)
+            exact[r.text.postings(tok, prefix=cf.is_prefix[i])] = True
+            near = np.zeros(n, dtype=bool)
+            near[cf.fuzzy_postings[i]] = True
+            token_hits += exact
+            fuzzy_hits += near & ~exact
+        c = cf.trigram_containment
+        trigram = np.where(c >= TRIGRAM_MATCH, c, 0.0)
+        relevant = (token_hits > 0) | (fuzzy_hits > 0) | (trigram > 0)
+        pop = SEARCH_POP_WEIGHT * f.pop_log / max(float(f.pop_log.max()), 1.0)
+        score = np.where(relevant, token_hits + FUZZY_WEIGHT * fuzzy_hits + trigram + pop, 0.0)
+    elif task is Task.MORE_LIKE_THIS:
+        targets, counts = r.tables.co_engaged(cf.source_index)
+        score[targets] = 2.0 + np.log1p(counts)
+        sims = r.item_unit @ r.item_unit[cf.source_index]
+        sims[cf.source_index] = -np.inf
+        near = np.argsort(-sims, kind="stable")[: r.neighbours.shape[1]]
+        score[near] = np.maximum(score[near], 1.0 + np.clip(sims[near], 0.0, 1.0))
+    elif task is Task.ENTITY:
+        targets, counts = r.tables.co_engaged(cf.source_index)
+        score[targets] = 1.0 + np.log1p(counts)
+        linked = r.catalogue.linked(cf.source_index)
+        score[linked] += 2.0 + f.pop_log[linked] / 100.0
+    else:
+        score = 1.0 + f.country_pop_log[cf.country_row].astype(np.float64)
+        if cf.cluster > 0:
+            score = score + CLUSTER_WEIGHT * f.cluster_pop_log[cf.cluster]
+        if cf.user_vec.any():
+            score = score + USER_WEIGHT * np.clip(r.tables.item_vec @ cf.user_vec[0], 0.0, None)
+    allowed = r.allowed[cf.country_row].copy()
+    if cf.source_index >= 0:
+        allowed[cf.source_index] = False
+    score = np.where(allowed, score, -np.inf)
+    hits = np.flatnonzero(score > 0)
+    hits = hits[np.lexsort((hits, -score[hits]))][:limit]
+    if len(hits) < limit:
+        pop = np.where(allowed, f.country_pop_log[cf.country_row].astype(np.float64), -np.inf)
+        pop[hits] = -np.inf
+        rest = np.flatnonzero(np.isfinite(pop))
+        rest = rest[np.lexsort((rest, -pop[rest]))][: limit - len(hits)]
+        hits = np.concatenate([hits, rest])
+    return hits.astype(np.int64)
+
+
+def _contexts(bundle_dir: Any, seed: int) -> Iterator[tuple[CandidateRetriever, Any]]:
+    """(retriever, ContextFeatures) for every task over a real bundle's catalogue: titles
+    typed whole, as prefixes and with a typo; sources; members at every level."""
+    from app.core.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    r, cat = bundle.retriever, bundle.catalogue
+    rng = np.random.default_rng(seed)
+    names = [str(cat.display_name[i]).lower() for i in rng.choice(len(cat), 12, replace=False)]
+    queries = [q for name in names for q in (name, name[: max(1, len(name) // 2)], name[1:])]
+    queries += ["s", "th", "zzzz qqq"]
+    sources = [str(cat.entity_id[i]) for i in rng.choice(len(cat), 12, replace=False)]
+    users = [str(u) for u in rng.choice(bundle.tables.user_ids, 6, replace=False)] + ["nobody"]
+    countries = [*cat.country_names[:3], None, "ZZ"]
+
+    def name_of(entity_id: str) -> str | None:
+        i = cat.index.get(entity_id)
+        return None if i is None else str(cat.display_name[i])
+
+    for task in TASKS:
+        for i in range(24):
+            q = queries[i % len(queries)] if task == "search" else None
+            src = sources[i % len(sources)] if task in ("more_like_this", "entity") else None
+            ctx = impute_context(task, users[i % len(users)], q, countries[i % 5], src, name_of)
+            yield r, r.features.context(ctx, list(Personalization)[i % 3])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_first_stage_equals_scoring_the_whole_catalogue(fast_bundle: Any, seed: int) -> None:
+    """For every task, country, member and level, and limits from 1 to past the catalogue,
+    the candidates are exactly the dense oracle's, in its order."""
+    for r, cf in _contexts(fast_bundle, seed):
+        for limit in (1, 7, 60, 300, r.n + 5):
+            got, want = r.retrieve(cf, limit), _dense_reference(r, cf, limit)
+            assert got.tolist() == want.tolist(), (cf.context, limit)
+
+
+def test_prequery_past_its_stored_list_is_exact_or_scores_the_catalogue(
+    fast_bundle: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With lists far shorter than the catalogue, a member's vector that could lift an
+    entity from beyond the list makes the catalogue be scored: the answer is still the
+    oracle's, whether the list sufficed or not (both happen here)."""
+    import app.core.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "PREQUERY_LIST", 40)
+    sufficed = []
+
+    for r, cf in _contexts(fast_bundle, 2):
+        if cf.context.task is not Task.PREQUERY:
+            continue
+        fresh = CandidateRetriever(r.features)  # lists of 40 entities
+        for limit in (1, 10, 40, 41, 200):
+            got = fresh.retrieve(cf, limit)
+            assert got.tolist() == _dense_reference(fresh, cf, limit).tolist(), (cf, limit)
+            ids, _ = fresh._prequery(cf, limit)
+            sufficed.append(len(ids) < fresh.n)
+    assert any(sufficed) and not all(sufficed), sufficed

@@ -25,7 +25,7 @@ from app.core.scoring import OUTPUT_NAME, OnnxScorer, ScorerOptions
 from app.core.table_io import TableError
 from app.core.text_index import TextIndex
 
-FORMAT_VERSION = 2  # 2: model_version is bound to the files (model_name + content digest)
+FORMAT_VERSION = 3  # 2: model_version bound to the files; 3: tables hold item neighbours
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 CATALOGUE_FILE = "catalogue.npz"

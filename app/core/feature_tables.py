@@ -17,6 +17,8 @@ from app.core.catalogue import Catalogue
 from app.core.context import clean_countries
 from app.core.table_io import load_table, save_table
 
+ITEM_NEIGHBOURS = 100  # nearest entities kept per entity in the pre-trained item space
+
 
 @dataclass
 class FeatureTables:
@@ -39,6 +41,9 @@ class FeatureTables:
     user_vec: np.ndarray  # (U, d) float32
     user_genre_pos: np.ndarray  # (U, G) float32 positives per genre (Catalogue.genre_names)
     item_vec: np.ndarray  # (E, d) float32, from the pre-trained user-item model
+    # (E, ITEM_NEIGHBOURS) int32: each entity's nearest other entities by the cosine of
+    # ``item_vec`` (``unit_rows``), nearest first; more-like-this retrieval reads them
+    item_neighbours: np.ndarray
     centroids: np.ndarray  # (K, d) float32
     prior_ctr: np.ndarray  # () global positive rate, for smoothing
 
@@ -71,6 +76,13 @@ class FeatureTables:
     @classmethod
     def load(cls, path: Path) -> FeatureTables:
         return cls(**load_table(path, required=tuple(f.name for f in fields(cls))))
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (float32; an all-zero row stays zero): the item space
+    whose dot products are the cosines retrieval and the features read."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-9)).astype(np.float32)
 
 
 def _sorted_row(keys: np.ndarray, key: str) -> int:

@@ -41,7 +41,7 @@ from app.core.context import (
     clean_country,
     tokenize,
 )
-from app.core.feature_tables import FeatureTables, country_index
+from app.core.feature_tables import FeatureTables, country_index, unit_rows
 from app.core.text_index import TextIndex, query_trigrams, stable_hash
 
 MAX_QUERY_TOKENS = 8
@@ -122,7 +122,7 @@ class ContextFeatures:
     is_prefix: tuple[bool, ...]  # per token: matched as a prefix (the last one typed)
     idfs: np.ndarray  # (len(tokens),)
     trigrams: np.ndarray
-    trigram_containment: np.ndarray  # (E,) share of ``trigrams`` each name holds
+    trigram_hits: np.ndarray  # (E,) how many of ``trigrams`` each name holds
     source_index: int  # -1 for the null source
     country_row: int
     cluster: int
@@ -131,6 +131,24 @@ class ContextFeatures:
     # per query token: sorted entity indices holding a name token within the token's typo
     # budget (the last token of a search query as a prefix); empty below 4 characters
     fuzzy_postings: tuple[np.ndarray, ...]
+
+    def containment(self, entities: np.ndarray) -> np.ndarray:
+        """The share of the query's trigrams each of ``entities`` holds (float64)."""
+        return self.trigram_hits[entities] / max(len(self.trigrams), 1)
+
+    @property
+    def trigram_containment(self) -> np.ndarray:
+        """(E,) ``containment`` of every entity."""
+        return self.containment(np.arange(len(self.trigram_hits)))
+
+    def trigram_matches(self, share: float) -> np.ndarray:
+        """Sorted entity indices holding at least ``share`` of the query's trigrams (none
+        without trigrams); the count is compared, so no E-wide division is made."""
+        n = len(self.trigrams)
+        need = next((m for m in range(1, n + 1) if m / n >= share), None)
+        if need is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(self.trigram_hits >= need)
 
 
 class FeatureBuilder:
@@ -155,10 +173,9 @@ class FeatureBuilder:
         cluster_tot = tables.cluster_pos.sum(axis=1, keepdims=True)
         self.cluster_share = tables.cluster_pos / np.maximum(cluster_tot, 1.0) * 1000.0
         self.zero_vec = np.zeros((1, tables.vec_dim), dtype=np.float32)
-        self.no_trigram_match = np.zeros(self.n_entities)
+        self.no_trigram_match = np.zeros(self.n_entities, dtype=np.int64)
         self.no_trigram_match.flags.writeable = False
-        norms = np.linalg.norm(tables.item_vec, axis=1, keepdims=True)
-        self.item_unit = (tables.item_vec / np.maximum(norms, 1e-9)).astype(np.float32)
+        self.item_unit = unit_rows(tables.item_vec)
         # Shares, not counts, for the same reason: P(target) over the window's positives,
         # and each genre's share of them (the prior a member's genre profile is read against).
         self.pos_share = tables.entity_pos / max(float(tables.entity_pos.sum()), 1.0)
@@ -229,10 +246,9 @@ class FeatureBuilder:
         )
         # Once per request over the inverted index (every name at once): retrieval ranks by
         # it and the candidates' feature reads it, instead of an (N x 96) membership test.
-        containment = self.no_trigram_match  # pre-query: no text, and no E-wide work
+        hits = self.no_trigram_match  # pre-query: no text, and no E-wide work
         if len(trigrams):
             hits = np.bincount(self.text.trigram_postings(trigrams), minlength=self.n_entities)
-            containment = hits / len(trigrams)
         return ContextFeatures(
             context=ctx,
             level=level,
@@ -247,7 +263,7 @@ class FeatureBuilder:
             is_prefix=is_prefix,
             idfs=idfs,
             trigrams=trigrams,
-            trigram_containment=containment,
+            trigram_hits=hits,
             source_index=source_index,
             country_row=country_row,
             cluster=cluster,
@@ -325,7 +341,7 @@ class FeatureBuilder:
         norm = BM25_K1 * (1 - BM25_B + BM25_B * doc_len / text.avg_tokens)
         bm25 = cf.idfs[None, :] * match * (BM25_K1 + 1) / (match + norm)
         dense[:, COL["bm25"]] = bm25.sum(axis=1)
-        dense[:, COL["trigram_containment"]] = cf.trigram_containment[cand]
+        dense[:, COL["trigram_containment"]] = cf.containment(cand)
 
     def _engagement_features(
         self, cf: ContextFeatures, cand: np.ndarray, dense: np.ndarray

@@ -22,21 +22,35 @@ from app.core.context import Task
 from app.core.features import ContextFeatures, FeatureBuilder
 from app.core.text_index import TRIGRAM_MATCH
 
-NEIGHBOURS_FROM_VECTORS = 100
 # Prequery blend, chosen by the positive-retrieved rate on the synthetic test split (the
 # figures: docs/MODEL.md, "Personalization"): a heavy personal term pushes out titles
 # that are popular for a reason.
 CLUSTER_WEIGHT = 0.3
 USER_WEIGHT = 0.5
+FUZZY_WEIGHT = 0.7  # a search token found only within its typo budget
+SEARCH_POP_WEIGHT = 0.1  # popularity's share of a search match's first-stage score
+# Prequery lists kept per (country, cluster), best first: a longer limit, or a member
+# whose vector could lift an entity from beyond the list, is scored over the catalogue.
+PREQUERY_LIST = 2048
+
+Scored = tuple[np.ndarray, np.ndarray]  # (entity indices, unique; first-stage scores)
 
 
 class CandidateRetriever:
+    """Each task's first stage reads what its request touches (the query's postings, the
+    source's co-engaged targets, linked entities and stored neighbours, a precomputed
+    prequery list), not the whole catalogue; the orders that do not depend on the
+    request (country popularity, prequery per country and cluster) are sorted once, at
+    load. What the catalogue still costs per request: a few memsets and counts of
+    ``E`` bytes in search (``_search``)."""
+
     def __init__(self, features: FeatureBuilder) -> None:
         self.features = features
         self.text = features.text
         self.tables = features.tables
         self.catalogue = features.catalogue
         self.item_unit = features.item_unit
+        self.n = features.n_entities
         # Country availability per country_pos row; row 0 (unknown country) = everything.
         self.allowed = np.stack(
             [self.catalogue.rankable]
@@ -47,85 +61,157 @@ class CandidateRetriever:
                 f"feature tables have {self.tables.country_pos.shape[0]} country rows, "
                 f"the catalogue needs {self.allowed.shape[0]}"
             )
+        neighbours = self.tables.item_neighbours
+        if neighbours.shape[0] != self.n or (self.n > 1 and neighbours.shape[1] == 0):
+            raise ValueError(
+                f"feature tables have neighbours for {neighbours.shape[0]} entities, the "
+                f"catalogue has {self.n}"
+            )
+        self.neighbours = neighbours.astype(np.int64)
+        pop = features.pop_log
+        self.search_pop = SEARCH_POP_WEIGHT * pop / max(float(pop.max(initial=0.0)), 1.0)
+        # The top-up order: each country's available entities, most popular there first.
+        self.pop_order = [
+            self._ranked(row, np.asarray(features.country_pop_log[row], np.float64), None)
+            for row in range(self.allowed.shape[0])
+        ]
+        self.prequery_lists = {
+            (row, cluster): self._ranked(row, self._prequery_base(row, cluster), PREQUERY_LIST)
+            for row in range(self.allowed.shape[0])
+            for cluster in range(self.tables.cluster_pos.shape[0])
+        }
+        norms = np.linalg.norm(self.tables.item_vec.astype(np.float64), axis=1)
+        self.max_item_norm = float(norms.max(initial=0.0))
+
+    def _ranked(self, row: int, score: np.ndarray, keep: int | None) -> Scored:
+        """The entities allowed in country ``row`` by ``score``, best first (ties: lower
+        index first), the first ``keep`` of them (None: all)."""
+        ids = np.flatnonzero(self.allowed[row])
+        order = np.lexsort((ids, -score[ids]))
+        if keep is not None:
+            order = order[: keep + 1]  # one more: the best score left out (``_prequery``)
+        ids = ids[order]
+        return ids, score[ids]
 
     def retrieve(self, cf: ContextFeatures, limit: int) -> np.ndarray:
         """Up to ``limit`` candidate entity indices (int64), best first-stage score first."""
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
-        allowed = self.allowed[cf.country_row].copy()
-        if cf.source_index >= 0:
-            allowed[cf.source_index] = False
         task = cf.context.task
         if task is Task.SEARCH:
-            score = self._search_scores(cf)
+            ids, score = self._search(cf)
         elif task is Task.MORE_LIKE_THIS:
-            score = self._similar_scores(cf)
+            ids, score = self._similar(cf)
         elif task is Task.ENTITY:
-            score = self._entity_scores(cf)
+            ids, score = self._entity(cf)
         else:
-            score = self._prequery_scores(cf)
-        return self._top(score, allowed, limit, cf.country_row)
+            ids, score = self._prequery(cf, limit)
+        return self._top(ids, score, limit, cf)
 
-    def _top(self, score: np.ndarray, allowed: np.ndarray, limit: int, country: int) -> np.ndarray:
-        score = np.where(allowed, score, -np.inf)
-        hits = np.flatnonzero(score > 0)
-        if len(hits) > limit:
-            hits = hits[np.argpartition(-score[hits], limit - 1)[:limit]]
-        hits = hits[np.argsort(-score[hits], kind="stable")]
+    def _top(
+        self, ids: np.ndarray, score: np.ndarray, limit: int, cf: ContextFeatures
+    ) -> np.ndarray:
+        keep = self.allowed[cf.country_row, ids] & (ids != cf.source_index) & (score > 0)
+        ids, score = ids[keep], score[keep]
+        if len(ids) > limit:  # the best ``limit``, and every tie at the cut
+            cut = np.partition(-score, limit - 1)[limit - 1]
+            best = -score <= cut
+            ids, score = ids[best], score[best]
+        hits = ids[np.lexsort((ids, -score))][:limit]  # ties: the lower index first
         if len(hits) < limit:  # top up with what is popular in the country
-            pop = np.where(allowed, self.features.country_pop_log[country] + 1e-3, -np.inf)
-            pop[hits] = -np.inf
-            n_fill = min(limit - len(hits), int(np.isfinite(pop).sum()))
-            if n_fill > 0:
-                fill = np.argpartition(-pop, n_fill - 1)[:n_fill]
-                fill = fill[np.argsort(-pop[fill], kind="stable")]
-                hits = np.concatenate([hits, fill])
+            order = self.pop_order[cf.country_row][0]
+            head = order[: limit + len(hits) + 1]  # enough, whatever it has to skip
+            fill = head[~np.isin(head, hits) & (head != cf.source_index)][: limit - len(hits)]
+            hits = np.concatenate([hits, fill])
         return hits.astype(np.int64)
 
-    def _search_scores(self, cf: ContextFeatures) -> np.ndarray:
-        n = self.features.n_entities
-        fuzzy_weight = 0.7  # a query token found only within its typo budget
-        token_hits = np.zeros(n)  # query tokens found exactly (the last one as a prefix)
-        fuzzy_hits = np.zeros(n)  # query tokens found only within their typo budget
-        for i, tok in enumerate(cf.tokens):
-            exact = np.zeros(n, dtype=bool)
-            exact[self.text.postings(tok, prefix=cf.is_prefix[i])] = True
-            near = np.zeros(n, dtype=bool)
-            near[cf.fuzzy_postings[i]] = True
-            token_hits += exact
-            fuzzy_hits += near & ~exact
-        containment = cf.trigram_containment
-        # Typo tolerance beyond the edit budget: a name sharing most of the query's
-        # (word-anchored) trigrams counts even when no token matched; weak overlap does not.
-        trigram = np.where(containment >= TRIGRAM_MATCH, containment, 0.0)
-        relevant = (token_hits > 0) | (fuzzy_hits > 0) | (trigram > 0)
-        pop = self.features.pop_log / max(float(self.features.pop_log.max()), 1.0)
-        score = token_hits + fuzzy_weight * fuzzy_hits + trigram + 0.1 * pop
-        return np.where(relevant, score, 0.0)
+    def _search(self, cf: ContextFeatures) -> Scored:
+        """Matched query tokens (exactly, the last one as a prefix; or within the typo
+        budget at ``FUZZY_WEIGHT``), plus word-anchored trigram containment at or above
+        ``TRIGRAM_MATCH``, plus a little popularity; only entities matching one of them."""
+        exact = [self.text.postings(tok, prefix=cf.is_prefix[i]) for i, tok in enumerate(cf.tokens)]
+        trigram = cf.trigram_matches(TRIGRAM_MATCH)
+        seen = np.zeros(self.n, dtype=bool)  # the union of every posting list touched
+        for part in (*exact, *cf.fuzzy_postings, trigram):
+            seen[part] = True
+        ids = np.flatnonzero(seen)
+        token_hits = np.zeros(len(ids))
+        fuzzy_hits = np.zeros(len(ids))
+        for post, near in zip(exact, cf.fuzzy_postings, strict=True):
+            mark = np.zeros(self.n, dtype=bool)
+            mark[post] = True
+            is_exact = mark[ids]
+            mark[near] = True
+            token_hits += is_exact
+            fuzzy_hits += mark[ids] & ~is_exact
+        tri = cf.containment(ids)
+        tri = np.where(tri >= TRIGRAM_MATCH, tri, 0.0)
+        return ids, token_hits + FUZZY_WEIGHT * fuzzy_hits + tri + self.search_pop[ids]
 
-    def _similar_scores(self, cf: ContextFeatures) -> np.ndarray:
-        n = self.features.n_entities
-        score = np.zeros(n)
-        targets, counts = self.tables.co_engaged(cf.source_index)
-        score[targets] = 2.0 + np.log1p(counts)
-        sims = self.item_unit @ self.item_unit[cf.source_index]
-        k = min(NEIGHBOURS_FROM_VECTORS, n)
-        near = np.argpartition(-sims, k - 1)[:k]
-        score[near] = np.maximum(score[near], 1.0 + np.clip(sims[near], 0.0, 1.0))
+    def _similar(self, cf: ContextFeatures) -> Scored:
+        """Co-engaged targets of the source (2 + log1p(count)), then its stored nearest
+        neighbours in the pre-trained item space (1 + cosine); the better of the two."""
+        src = cf.source_index
+        targets, counts = self.tables.co_engaged(src)
+        near = self.neighbours[src]
+        sims = self.item_unit[near] @ self.item_unit[src]
+        return _best_of(
+            np.concatenate([targets, near]),
+            np.concatenate([2.0 + np.log1p(counts), 1.0 + np.clip(sims, 0.0, 1.0)]),
+        )
+
+    def _entity(self, cf: ContextFeatures) -> Scored:
+        """The entity's linked videos (2 + a little popularity) plus its co-engaged targets
+        (1 + log1p(count)), added up."""
+        src = cf.source_index
+        targets, counts = self.tables.co_engaged(src)
+        linked = np.unique(self.catalogue.linked(src))
+        ids, inverse = np.unique(np.concatenate([targets, linked]), return_inverse=True)
+        weights = np.concatenate(
+            [1.0 + np.log1p(counts), 2.0 + self.features.pop_log[linked] / 100.0]
+        )
+        return ids, np.bincount(inverse, weights=weights, minlength=len(ids))
+
+    def _prequery_base(self, row: int, cluster: int) -> np.ndarray:
+        score = 1.0 + self.features.country_pop_log[row].astype(np.float64)
+        if cluster > 0:
+            score = score + CLUSTER_WEIGHT * self.features.cluster_pop_log[cluster]
         return score
 
-    def _entity_scores(self, cf: ContextFeatures) -> np.ndarray:
-        score = np.zeros(self.features.n_entities)
-        targets, counts = self.tables.co_engaged(cf.source_index)
-        score[targets] = 1.0 + np.log1p(counts)
-        linked = self.catalogue.linked(cf.source_index)
-        score[linked] += 2.0 + self.features.pop_log[linked] / 100.0
-        return score
+    def _prequery(self, cf: ContextFeatures, limit: int) -> Scored:
+        """Personalised popularity: country popularity, plus the cluster's, plus (``full``)
+        the member's affinity, read from the (country, cluster) list. The member's term is
+        added over the list, which is exact when no entity beyond it could reach the
+        ``limit``-th score: such an entity's base is at most the best one left out, its
+        term at most ``USER_WEIGHT * |user| * max |item|``. Otherwise, and for a limit
+        longer than the list, the catalogue is scored."""
+        ids, base = self.prequery_lists[cf.country_row, cf.cluster]
+        user = cf.user_vec[0]
+        personal = bool(user.any())
+        complete = len(ids) <= PREQUERY_LIST  # nothing allowed was left out
+        if not complete and limit <= PREQUERY_LIST:
+            beyond = float(base[PREQUERY_LIST])
+            ids, base = ids[:PREQUERY_LIST], base[:PREQUERY_LIST]
+            if not personal:
+                return ids[:limit], base[:limit]
+            score = base + USER_WEIGHT * np.clip(self.tables.item_vec[ids] @ user, 0.0, None)
+            bound = beyond + USER_WEIGHT * float(np.linalg.norm(user)) * self.max_item_norm
+            if -np.partition(-score, limit - 1)[limit - 1] > bound:
+                return ids, score
+        elif complete:
+            if not personal:
+                return ids, base
+            return ids, base + USER_WEIGHT * np.clip(self.tables.item_vec[ids] @ user, 0.0, None)
+        score = self._prequery_base(cf.country_row, cf.cluster)
+        if personal:
+            score = score + USER_WEIGHT * np.clip(self.tables.item_vec @ user, 0.0, None)
+        return np.arange(self.n), score
 
-    def _prequery_scores(self, cf: ContextFeatures) -> np.ndarray:
-        score = 1.0 + self.features.country_pop_log[cf.country_row].astype(np.float64)
-        if cf.cluster > 0:
-            score = score + CLUSTER_WEIGHT * self.features.cluster_pop_log[cf.cluster]
-        if cf.user_vec.any():
-            score = score + USER_WEIGHT * np.clip(self.tables.item_vec @ cf.user_vec[0], 0.0, None)
-        return score
+
+def _best_of(ids: np.ndarray, score: np.ndarray) -> Scored:
+    """One entry per entity, with its best score."""
+    order = np.lexsort((-score, ids))
+    ids, score = ids[order], score[order]
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = ids[1:] != ids[:-1]
+    return ids[first], score[first]

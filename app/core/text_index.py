@@ -259,7 +259,15 @@ class TextIndex:
         """Sorted unique entity indices holding a token that ``fuzzy_tokens`` returns."""
         ptr, ranges = self.post_indptr, self._fuzzy_ranges(token, prefix)
         parts = [self.post_indices[ptr[lo] : ptr[hi]] for lo, hi in ranges]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        found = np.concatenate(parts)
+        if len(found) * 32 < self.n_names:
+            return np.unique(found)
+        # Many postings (a short token in a large catalogue): a mark per name beats a sort.
+        mark = np.zeros(self.n_names, dtype=bool)
+        mark[found] = True
+        return np.flatnonzero(mark)
 
     def trigram_postings(self, grams: np.ndarray) -> np.ndarray:
         parts = [self.tri_indices[self.tri_indptr[g] : self.tri_indptr[g + 1]] for g in grams]
