@@ -362,7 +362,11 @@ OPEN_LOOP_RETRIEVED = 2000  # candidates per request: more than one worker serve
 def _handling_p99(log: str, status: int) -> float:
     """p99 of the server's own handling time of ``/rank`` calls with ``status``."""
     lines = (orjson.loads(x) for x in log.splitlines() if '"route":"/rank"' in x)
-    values = [float(line["latency_ms"]) for line in lines if line.get("status") == status]
+    values = [  # a door's summary line ("refused": N) has no handling time of its own
+        float(line["latency_ms"])
+        for line in lines
+        if line.get("status") == status and "latency_ms" in line
+    ]
     return float(np.percentile(values, 99)) if values else math.nan
 
 

@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,11 +259,15 @@ class RateLimitFilter(logging.Filter):
     name the socket on a second line)."""
 
     def __init__(
-        self, prefixes: tuple[str, ...] | None = None, interval_s: float = RATE_LIMIT_INTERVAL_S
+        self,
+        prefixes: tuple[str, ...] | None = None,
+        interval_s: float = RATE_LIMIT_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
         self.prefixes = prefixes
         self.interval_s = interval_s
+        self.clock = clock
         self._seen: dict[str, tuple[float, int]] = {}  # message -> (last emitted, dropped)
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -270,7 +275,7 @@ class RateLimitFilter(logging.Filter):
         if self.prefixes is not None and not template.startswith(self.prefixes):
             return True
         key = template.split("\n", 1)[0][:200]
-        now = time.monotonic()
+        now = self.clock()
         last, dropped = self._seen.get(key, (-self.interval_s, 0))
         if now - last < self.interval_s:
             self._seen[key] = (last, dropped + 1)
