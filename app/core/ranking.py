@@ -155,15 +155,17 @@ class Ranker:
             kth = np.partition(-key, k - 1)[k - 1]
             top = np.flatnonzero(-key <= kth)
         top = top[np.lexsort((cand[top], -key[top]))][:k]
-        catalogue = self.bundle.catalogue
+        catalogue, chosen = self.bundle.catalogue, cand[top]
+        # One gather and one ``tolist`` per column, not a numpy scalar per item and field.
         items = [
-            RankedItem(
-                entity_id=str(catalogue.entity_id[cand[i]]),
-                score=float(scores[i]),
-                name=str(catalogue.display_name[cand[i]]),
-                entity_type=str(catalogue.entity_type[cand[i]]),
+            RankedItem(entity_id=e, score=p, name=n, entity_type=t)
+            for e, p, n, t in zip(
+                catalogue.entity_id[chosen].tolist(),
+                scores[top].astype(np.float64).tolist(),
+                catalogue.display_name[chosen].tolist(),
+                catalogue.entity_type[chosen].tolist(),
+                strict=True,
             )
-            for i in top.tolist()
         ]
         ctx = prepared.context_features.context
         return RankResult(
