@@ -52,10 +52,13 @@ test-fast: venv system-deps
 # The latency benchmark (docs/BENCHMARKS.md): builds the bundles it lacks (bundles/demo;
 # bundles/ml when ../shared/datasets/ml-latest-small exists; bundles/big, the 1M-user
 # world), then runs every measurement once and rewrites the generated block of
-# docs/BENCHMARKS.md. BENCH_ARGS=--quick: demo bundle only, 1 s cells.
+# docs/BENCHMARKS.md. BENCH_ARGS=--quick: demo bundle only, 1 s cells. The peer it times
+# (BentoML, loadtest/peer.py) is the `peers` extra, installed here when missing.
 bench: venv system-deps
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
+	@$(BIN)/python -c "from importlib.metadata import version as v; assert v('bentoml')[:4] == '1.4.'" \
+	  2>/dev/null || $(BIN)/pip install -q -e '.[peers]'
 	BENCH_COMMAND="make bench$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" \
 	  $(BIN)/python -m loadtest.bench $(BENCH_ARGS)
 

@@ -2,11 +2,13 @@
 
 Measures on this machine Floor A and the in-process ranking path, onnxruntime session
 options, Floor B and ``POST /rank`` over HTTP with ``wrk`` (every task, cache miss and hit,
-in-process cache and Redis, concurrency 1/8/32, 1 and 2 workers), serving options, and the
-1M-user / 100k-entity world against the demo world; prints the tables and writes them, with
-the exact command, into the generated block of docs/BENCHMARKS.md, whose "How to read the
-numbers" says how each figure is measured. Builds the bundles it lacks (``bundles/demo``,
-``bundles/ml`` when ml-latest-small is there, ``bundles/big``).
+in-process cache and Redis, concurrency 1/8/32, 1 and 2 workers), serving options, the
+1M-user / 100k-entity world against the demo world, and a peer (BentoML serving the demo
+bundle's model.onnx, score only; ``loadtest/peer.py``) against our miss and hit; prints
+the tables and writes them, with the exact command, into the generated block of
+docs/BENCHMARKS.md, whose "How to read the numbers" says how each figure is measured.
+Builds the bundles it lacks (``bundles/demo``, ``bundles/ml`` when ml-latest-small is
+there, ``bundles/big``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ ML_DATA = ROOT.parent / "shared" / "datasets" / "ml-latest-small"
 HIT_SET, MISS_SET = 100, 600  # distinct bodies per task in a cache-hit / cache-miss run
 MISS_TTL_S = 0.001  # a miss still pays the cache get + set; the key never comes back in 1 ms
 CONCURRENCY = (1, 8, 32)
-SECTIONS = ("inprocess", "sessions", "http", "options", "scale")
+SECTIONS = ("inprocess", "sessions", "http", "options", "scale", "peer")
 Say = Callable[[str], None]
 Bundles = dict[str, Any]  # name -> app.core.bundle.Bundle
 
@@ -413,6 +415,153 @@ def say_entry(say: Say, entry: dict[str, Any]) -> None:
                              for k, v in entry.items()))  # fmt: skip
 
 
+# --- the peer ------------------------------------------------------------------------------
+PEER_FEEDS = 16  # distinct feeds per task the peer is sent: the first bodies of the miss set
+PEER_ROUNDS = 3  # rounds of (ours miss, peer, ours hit), the order rotated each round
+PEER_RACE_ROUNDS = 2  # rounds of the transport race
+
+
+def run_peer(res: Results, runner: HttpRunner, plan: Plan, bundle: str, say: Say) -> None:
+    """BentoML serving ``bundle``'s model.onnx (``loadtest/peer.py``, one worker) against our
+    miss and hit servers (one worker, in-process cache), all three up at once: first the
+    peer's transports race on the search feeds (rounds alternated), the fastest is kept;
+    then per task and concurrency 1 and 8, ``PEER_ROUNDS`` rounds of one short wrk run each
+    of ours-miss, peer and ours-hit (order rotated every round). The peer's feeds are the
+    model inputs our service builds for the first ``PEER_FEEDS`` bodies of the miss set."""
+    import numpy as np
+
+    from app.core.bundle import MODEL_FILE
+    from loadtest import peer
+    from loadtest.request_bodies import TASKS
+
+    version = peer.bentoml_version()
+    if version is None:
+        res.log.append("peer: not measured (bentoml is not installed: pip install -e '.[peers]')")
+        say(res.log[-1])
+        return
+    b, seconds = runner.bundles[bundle], max(1, round(plan.seconds / 2))
+    files: dict[str, tuple[Path, Path]] = {}  # task -> its (miss, hit) bodies
+    for t in TASKS:
+        miss_file, hit_file = runner.bodies(bundle, t, "miss"), runner.bodies(bundle, t, "hit")
+        if miss_file is not None and hit_file is not None:
+            files[t] = (miss_file, hit_file)
+    tasks = list(files)
+    feeds = {
+        t: peer.feeds(b, [json.loads(x) for x in _lines(files[t][0], PEER_FEEDS)], TARGET_N)
+        for t in tasks
+    }
+    info: dict[str, Any] = {
+        "bentoml": version, "bundle": bundle, "n": TARGET_N, "feeds": PEER_FEEDS,
+        "seconds": seconds, "rounds": PEER_ROUNDS, "race_rounds": PEER_RACE_ROUNDS,
+        "candidates": {t: float(np.mean([len(f["dense"]) for f in fs])) for t, fs in feeds.items()},
+        "body_bytes": {k: len(enc(feeds["search"][0])) for k, enc in peer.ENCODERS.items()},
+        "transports": {k: t.about for k, t in peer.TRANSPORTS.items()},
+    }  # fmt: skip
+    res.peer = {"info": info, "transports": [], "cells": []}
+    with (
+        runner.server(bundle, TARGET_N, "miss", "memory", 1) as miss,
+        runner.server(bundle, TARGET_N, "hit", "memory", 1) as hit,
+        peer.PeerServer(b.path / MODEL_FILE, feeds["search"][0], runner.workdir / "peer") as bento,
+    ):
+        for name in peer.TRANSPORTS:  # the peer scores as onnxruntime does, in every transport
+            for feed in feeds["search"][:4]:
+                got, want = bento.score(name, feed), b.scorer.score(feed)
+                if got.shape != want.shape or not np.allclose(got, want, rtol=1e-5, atol=1e-6):
+                    raise RuntimeError(f"peer transport {name}: scores differ from onnxruntime")
+        manifests = {
+            (t, name): bento.request_files(name, feeds[t], t)
+            for t in tasks for name in (peer.TRANSPORTS if t == "search" else ())
+        }  # fmt: skip
+
+        def peer_cell(task: str, name: str, conc: int) -> dict[str, Any]:
+            url, lua = bento.url + peer.TRANSPORTS[name].route, bento.lua
+            c0 = bento.process.cpu_seconds()
+            wrk = run_wrk(url, manifests[task, name], conc, seconds, runner.offset, script=lua)
+            runner.offset += wrk.requests
+            cpu = (bento.process.cpu_seconds() - c0) / (wrk.seconds or float("nan"))
+            return _peer_row(wrk, cpu, task=task, conc=conc, side="peer", transport=name)
+
+        for r, conc in itertools.product(range(PEER_RACE_ROUNDS), (1, 8)):
+            for name in list(peer.TRANSPORTS)[:: -1 if r % 2 else 1]:
+                res.peer["transports"].append(peer_cell("search", name, conc) | {"round": r})
+                say_peer(say, res.peer["transports"][-1])
+        info["transport"] = chosen = _fastest_transport(res.peer["transports"])
+        say(f"peer: fastest transport {chosen}")
+        ours = {"ours miss": miss, "ours hit": hit}
+        for t in tasks:
+            if (t, chosen) not in manifests:
+                manifests[t, chosen] = bento.request_files(chosen, feeds[t], t)
+            runner.warm(miss, "/rank", files[t][0])  # a few requests
+            runner.warm(hit, "/rank", files[t][1], 1)  # every hit body cached
+            for conc in (1, 8):
+                sides = ["ours miss", "peer", "ours hit"]
+                for r in range(PEER_ROUNDS):
+                    for side in sides[r % 3 :] + sides[: r % 3]:
+                        if side == "peer":
+                            row = peer_cell(t, chosen, conc)
+                        else:
+                            case, srv = side.split()[1], ours[side]
+                            body_file = files[t][case == "hit"]
+                            row = _ours_cell(runner, srv, body_file, case, seconds, conc)
+                            row |= {"task": t, "conc": conc, "side": side}
+                        res.peer["cells"].append(row | {"round": r})
+                        say_peer(say, res.peer["cells"][-1])
+
+
+def _lines(path: Path, n: int) -> list[str]:
+    return path.read_text().splitlines()[:n]
+
+
+def _peer_row(wrk: processes.WrkResult, server_cpu: float, **labels: Any) -> dict[str, Any]:
+    """A peer-section cell; ``rps`` counts successful answers only (a shed 503 is quick)."""
+    ok_rps = (wrk.requests - wrk.errors) / wrk.seconds if wrk.seconds > 0 else 0.0
+    return labels | {
+        "rps": max(ok_rps, 0.0), "p50": wrk.p50_ms, "p99": wrk.p99_ms, "errors": wrk.errors,
+        "status_errors": wrk.status_errors, "server_cpu": server_cpu, "wrk_cpu": wrk.wrk_cpu,
+    }  # fmt: skip
+
+
+def _ours_cell(
+    runner: HttpRunner, srv: Served, bodies: Path, case: str, seconds: int, conc: int
+) -> dict[str, Any]:
+    """One wrk run of ``/rank`` on ``srv``, with the share of requests that had the
+    intended cache outcome (``purity``, from the server's counters)."""
+    server = srv.process
+    m0, c0 = server.metrics(), server.cpu_seconds()
+    wrk = run_wrk(server.url + "/rank", bodies, conc, seconds, runner.offset)
+    m1, cpu = server.metrics(), (server.cpu_seconds() - c0) / (wrk.seconds or float("nan"))
+    runner.offset += wrk.requests
+    name = "unicorn_cache_requests_total"
+    outcomes = {
+        o: processes.metric(m1, name, outcome=o) - processes.metric(m0, name, outcome=o)
+        for o in ("hit", "miss", "bypass")
+    }
+    total = sum(outcomes.values())
+    return _peer_row(wrk, cpu, purity=outcomes[case] / total if total else float("nan"))
+
+
+def _fastest_transport(rows: list[dict[str, Any]]) -> str:
+    """The transport with the highest geometric mean, over concurrencies, of its median
+    req/s."""
+    by: dict[str, dict[int, list[float]]] = {}
+    for row in rows:
+        by.setdefault(row["transport"], {}).setdefault(row["conc"], []).append(row["rps"])
+    score = {
+        name: statistics.geometric_mean([max(statistics.median(v), 1e-9) for v in c.values()])
+        for name, c in by.items()
+    }
+    return max(score, key=score.__getitem__)
+
+
+def say_peer(say: Say, row: dict[str, Any]) -> None:
+    labels = " ".join(str(row[k]) for k in ("task", "side", "transport") if k in row)
+    say(
+        f"peer r{row['round']} {labels} c{row['conc']}: p50 {row['p50']:.2f} p99 "
+        f"{row['p99']:.2f} ms, {row['rps']:.0f} req/s, {row['errors']} errors, server CPU "
+        f"{row['server_cpu']:.2f}" + (f", purity {row['purity']:.3f}" if "purity" in row else "")
+    )
+
+
 # --- main ----------------------------------------------------------------------------------
 def measure(res: Results, plan: Plan, sections: list[str], say: Say) -> None:
     """Every section of ``sections`` into ``res``."""
@@ -441,6 +590,8 @@ def measure(res: Results, plan: Plan, sections: list[str], say: Say) -> None:
                 run_scale(res, runner, plan, say)
             elif demo is not None and "scale" in sections:
                 note("scale: bundles/big not measured (add `--bundles ... big`)")
+            if demo is not None and "peer" in sections:
+                run_peer(res, runner, plan, "demo", say)
         finally:
             runner.redis.stop()
 

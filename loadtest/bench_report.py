@@ -53,6 +53,8 @@ class Results:
     scale: list[dict[str, Any]] = field(default_factory=list)
     bundle_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    # the BentoML peer (loadtest/peer.py): "info", "transports" (race cells), "cells"
+    peer: dict[str, Any] = field(default_factory=dict)
 
     def grid(self, at_target: bool = True) -> list[HttpRow]:
         """The HTTP cells that are not option measurements, at (or off) ``TARGET_N``."""
@@ -255,6 +257,80 @@ def section_scale(res: Results, _: int) -> str:
     return f"{title}\n\n{table(headers, rows)}"
 
 
+# --- the peer (BentoML serving model.onnx, score only) ----------------------------------------
+PEER_SIDES = ("peer", "ours miss", "ours hit")
+PEER_METRICS = ("rps", "p50", "p99", "server_cpu")
+PQ = "p50 p99"
+
+
+def peer_medians(rows: list[dict[str, Any]], *keys: str) -> dict[tuple[Any, ...], dict[str, float]]:
+    """Median req/s, p50, p99, server CPU and total errors of the rows grouped by ``keys``."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return {
+        key: {m: statistics.median(r[m] for r in group) for m in PEER_METRICS}
+        | {"errors": sum(r["errors"] for r in group), "runs": len(group)}
+        for key, group in groups.items()
+    }
+
+
+def section_peer(res: Results, _: int) -> str:
+    info, race = res.peer["info"], peer_medians(res.peer["transports"], "transport", "conc")
+    chosen = info["transport"]
+    race_rows = [
+        [f"**{name}**" if name == chosen else name, about, info["body_bytes"].get(name, NAN),
+         *(x for c in (1, 8) for x in (round(race[name, c]["rps"]), *pick(race[name, c], PQ)))]
+        for name, about in info["transports"].items() if (name, 1) in race and (name, 8) in race
+    ]  # fmt: skip
+    cells, rows = peer_medians(res.peer["cells"], "task", "conc", "side"), []
+    for task, conc in dict.fromkeys((r["task"], r["conc"]) for r in res.peer["cells"]):
+        d = {side: cells.get((task, conc, side)) for side in PEER_SIDES}
+        peer, miss, hit = d["peer"], d["ours miss"], d["ours hit"]
+        if peer is None or miss is None or hit is None:
+            continue
+        rows.append(
+            [task, conc, *(round(x["rps"]) for x in (peer, miss, hit)),
+             *(f"{x['p50']:.2f} / {x['p99']:.2f}" for x in (peer, miss, hit)),
+             f"{miss['rps'] / peer['rps']:.2f}x", f"{peer['p99'] / miss['p99']:.2f}x",
+             f"{hit['rps'] / peer['rps']:.2f}x", f"{peer['p99'] / hit['p99']:.2f}x",
+             " / ".join(f"{x['server_cpu']:.2f}" for x in (peer, miss, hit)),
+             " / ".join(str(int(x["errors"])) for x in (peer, miss, hit))]
+        )  # fmt: skip
+    purity = [r["purity"] for r in res.peer["cells"] if r.get("purity", NAN) == r.get("purity")]
+    race_headers = "transport|what|body bytes|c1 req/s|c1 p50|c1 p99|c8 req/s|c8 p50|c8 p99"
+    headers = ("task|conc|peer req/s|miss req/s|hit req/s|peer p50 / p99|miss p50 / p99"
+               "|hit p50 / p99|miss / peer req/s|peer / miss p99|hit / peer req/s"
+               "|peer / hit p99|server CPU peer / miss / hit|errors peer / miss / hit")  # fmt: skip
+    cands = ", ".join(f"{t} {n:.0f}" for t, n in info["candidates"].items())
+    return (
+        f"### 6. A peer: BentoML {info['bentoml']} serving model.onnx (score only) vs "
+        f"`POST /rank` (bundle {info['bundle']}, N={info['n']})\n\n"
+        "The peer is the bundle's `model.onnx` under BentoML (`loadtest/peer.py`, "
+        "`bentoml serve`, one worker, one API thread), onnxruntime with the service's session "
+        "options (intra 1, inter 1, sequential, no spinning, optimisation all). Each of its "
+        "requests carries a ready feed: the model inputs our service builds for one `/rank` "
+        f"request at N={info['n']} (the first {info['feeds']} bodies of the miss set per task; "
+        f"candidates per feed: {cands}); it answers the N scores. **The work differs**: the "
+        "peer only decodes the feed and runs onnxruntime; our miss parses and validates the "
+        "JSON request, imputes the context, retrieves the candidates, builds their features, "
+        "scores them, takes the top k and encodes the answer (plus the cache get and set); "
+        "our hit parses the request and returns the cached answer.\n\n"
+        f"Transports tried (search feeds, {info['race_rounds']} rounds alternated, "
+        f"{info['seconds']} s per run, medians); the fastest by the geometric mean of its c1 "
+        f"and c8 req/s (**{chosen}**) is used below. BentoML's pickle transport "
+        "(`application/vnd.bentoml+pickle`) is refused by a service's entry server.\n\n"
+        f"{table(race_headers, race_rows)}\n\n"
+        f"Our miss and hit servers (1 worker, in-process cache) and the peer ran at the same "
+        f"time, in rounds of one {info['seconds']} s wrk run each (order rotated every round; "
+        f"medians of {info['rounds']} rounds). `req/s` counts successful answers only; "
+        "`errors` = wrk's errors over the rounds, HTTP statuses >= 400 included (our admission "
+        "control answers 503 when it sheds); `server CPU` = cores the server's process tree "
+        f"kept busy. Cache purity of our cells: min {min(purity, default=NAN):.3f}. Ratios "
+        "above 1 favour us.\n\n" + table(headers, rows)
+    )
+
+
 def section_targets(res: Results, _: int) -> str:
     rows = [row for target in TARGETS for row in target(res)]
     return "### Targets\n\n" + table(["target", "measured", "status"], rows)
@@ -267,7 +343,7 @@ SECTIONS: tuple[tuple[Callable[[Results, int], str], Callable[[Results], object]
     (section_http, Results.grid), (section_candidates, lambda r: r.grid(at_target=False)),
     (section_rss, lambda r: r.rss), (section_options, Results.options),
     (section_serialisation, lambda r: r.serialisation), (section_scale, lambda r: r.scale),
-    (section_targets, bool),
+    (section_peer, lambda r: r.peer.get("cells")), (section_targets, bool),
 )  # fmt: skip
 
 
@@ -404,7 +480,34 @@ def target_stack(res: Results) -> Rows:
     ]  # fmt: skip
 
 
+def target_peer(res: Results) -> Rows:
+    cells = peer_medians(res.peer.get("cells", []), "task", "conc", "side")
+    pairs = [
+        (task, conc, m, p)
+        for (task, conc, side), m in cells.items()
+        if side == "ours miss" and (p := cells.get((task, conc, "peer")))
+    ]
+    if not pairs:
+        return []
+    concs = sorted({c for _, c, _, _ in pairs})
+    parts, ok = [], {1, 8} <= set(concs)
+    for conc in concs:
+        at = [(t, m["rps"] / p["rps"], p["p99"] / m["p99"]) for t, c, m, p in pairs if c == conc]
+        ok = ok and all(rps > 1.0 and p99 > 1.0 for _, rps, p99 in at)
+        w_rps, w_p99 = min(at, key=lambda x: x[1]), min(at, key=lambda x: x[2])
+        parts.append(
+            f"c{conc}: miss / peer req/s worst {w_rps[1]:.2f}x ({w_rps[0]}), peer / miss p99 "
+            f"worst {w_p99[2]:.2f}x ({w_p99[0]})"
+        )
+    transport = res.peer["info"]["transport"]
+    return [
+        ["our miss beats the peer's score-only request on req/s and p99 at concurrency 1 and 8 "
+         f"(BentoML, {transport} transport, every task; above 1x = ours better)",
+         "; ".join(parts), met(ok)]
+    ]  # fmt: skip
+
+
 TARGETS = (
     target_path, target_latency, target_hit_throughput, target_scale, target_sessions,
-    target_batching, target_stack,
+    target_batching, target_stack, target_peer,
 )  # fmt: skip

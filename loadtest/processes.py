@@ -312,16 +312,18 @@ def write_bodies(path: Path, bodies: Iterable[dict[str, Any]]) -> Path:
 
 def run_wrk(
     url: str, bodies: Path, connections: int, seconds: int, offset: int = 0,
-    timeout_s: float = 5.0,
+    timeout_s: float = 5.0, script: Path | None = None,
 ) -> WrkResult:  # fmt: skip
     """``wrk -t1 -c{connections}`` for ``seconds`` (whole seconds: wrk's unit) POSTing the
-    bodies of the file round robin from line ``offset`` (``loadtest/rank.lua``); wrk's own
-    CPU use comes from its ``wait4`` rusage, so a run shows whether it was the bottleneck."""
+    bodies of the file round robin from line ``offset`` (``loadtest/rank.lua``, or
+    ``script``: a script that takes the same two arguments and prints the same summary,
+    such as loadtest/peer.py's); wrk's own CPU use comes from its ``wait4`` rusage, so a
+    run shows whether it was the bottleneck."""
     if not Path(WRK).exists():
         raise RuntimeError(f"wrk not found ({WRK}); `make bench` installs it")
     if seconds < 1 or int(seconds) != seconds:
         raise ValueError(f"seconds must be a whole number >= 1 (wrk's unit), got {seconds}")
-    lua = Path(__file__).with_name("rank.lua")
+    lua = script or Path(__file__).with_name("rank.lua")
     cmd = [WRK, "-t1", f"-c{connections}", f"-d{int(seconds)}s", f"--timeout={timeout_s:g}s",
            "-s", str(lua), url, "--", str(bodies), str(offset)]  # fmt: skip
     started = time.perf_counter()
