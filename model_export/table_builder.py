@@ -60,8 +60,8 @@ def nearest_items(item_vec: np.ndarray, k: int = ITEM_NEIGHBOURS) -> np.ndarray:
         hi = min(lo + block, n)
         sims = unit[lo:hi] @ unit.T
         sims[torch.arange(hi - lo), torch.arange(lo, hi)] = -torch.inf  # never itself
-        vals, idx = torch.topk(sims, k, dim=1)
-        vals, idx = vals.numpy(), idx.numpy()
+        top = torch.topk(sims, k, dim=1)
+        vals, idx = top.values.numpy(), top.indices.numpy()
         order = np.lexsort((idx, -vals), axis=1)
         out[lo:hi] = np.take_along_axis(idx, order, axis=1)
     return out

@@ -569,3 +569,27 @@ async def test_a_request_uses_one_model_snapshot_across_a_reload(
         assert before["model_version"] == bundle.model_version
         assert after["model_version"] == model_version(second_bundle) != bundle.model_version
         assert after["cache"] == "miss"  # a new model version is a new cache key
+
+
+async def test_the_heap_is_frozen_once_serving_starts_and_after_a_reload(
+    settings_for: Callable[..., Settings],
+    second_bundle: Path,
+    running_app: Callable[[Settings], Any],
+) -> None:
+    """Serving starts with the objects alive then (the bundle, the app) out of the cyclic
+    collector's generations, so a full collection does not walk them; a reload freezes
+    the new bundle's objects too; shutdown hands them all back."""
+    import gc
+    import weakref
+
+    gc.unfreeze()  # whatever an earlier test left
+    async with running_app(settings_for()) as (app, _client):
+        served = app.state.served
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000, frozen
+        assert not gc.is_tracked(served.models.model.bundle.catalogue.index) or frozen
+        old = weakref.ref(served.models.model.bundle)
+        await served.models.reload(second_bundle)
+        assert old() is None  # the old bundle freed at once, frozen or not
+        assert gc.get_freeze_count() > frozen // 2  # the new one's objects frozen too
+    assert gc.get_freeze_count() == 0

@@ -12,6 +12,7 @@ The lifespan builds the serving parts (``app.http.deps.Served``): the model hold
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from app.http.protocol import AdmissionDoor, DoorMiddleware
 from app.http.routes import ROUTE_PATHS, api_router
 from app.serving.config import Settings
 from app.serving.metrics import ServiceMetrics
-from app.serving.model_holder import ModelHolder
+from app.serving.model_holder import ModelHolder, freeze_heap
 from app.serving.pipeline import RankingPipeline, open_cache
 
 logger = logging.getLogger("unicorn.main")
@@ -104,10 +105,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.info("cache: %s", settings.cache_backend)
         app.state.served = served
         await _warm_routes(app)
+        freeze_heap()
         sampler = asyncio.get_running_loop().create_task(_sample_process(metrics))
         try:
             yield
         finally:
+            gc.unfreeze()
             sampler.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
             door.admission = None
