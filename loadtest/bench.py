@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import processes
-from loadtest.bench_report import CANDIDATE_COUNTS, TARGET_N, HttpRow, Results, render
+from loadtest.bench_report import (
+    CANDIDATE_COUNTS,
+    PATH_COUNTS,
+    TARGET_N,
+    HttpRow,
+    Results,
+    render,
+)
 from loadtest.floor_b import FLOOR_PATH
 from loadtest.processes import BLAS_ENV, ROOT, RedisServer, ServiceProcess, run_wrk
 
@@ -114,7 +121,7 @@ def run_inprocess(res: Results, plan: Plan, bundles: Bundles, say: Say) -> None:
     from loadtest.inprocess_timing import measure_path
     from loadtest.request_bodies import TASKS, request_bodies
 
-    for (name, bundle), n, task in itertools.product(bundles.items(), CANDIDATE_COUNTS, TASKS):
+    for (name, bundle), n, task in itertools.product(bundles.items(), PATH_COUNTS, TASKS):
         try:
             bodies = request_bodies(bundle, task, 64, seed=1)
         except ValueError as exc:
@@ -128,6 +135,19 @@ def run_inprocess(res: Results, plan: Plan, bundles: Bundles, say: Say) -> None:
              **{f"{s}_p50": d.p50 for s, d in r.stages.items()}}
         )  # fmt: skip
         say(f"in-process {name} N={n} {task}: floor A {r.floor}, path {r.path} ms (p50/p99)")
+
+
+def run_catalogue(res: Results, plan: Plan, bundles: Bundles, say: Say) -> None:
+    """The in-process path at ``TARGET_N`` on every bundle (demo 2k, ml 10k, big 100k
+    entities), the bundles in turns on each task's request mix."""
+    from loadtest.inprocess_timing import compare_worlds
+    from loadtest.request_bodies import TASKS
+
+    for task in TASKS:
+        d = compare_worlds(bundles, TARGET_N, task, plan.reps)
+        for name, dist in d.items():
+            res.catalogue.append({"task": task, "bundle": name, "p50": dist.p50, "p99": dist.p99})
+        say(f"catalogue N={TARGET_N} {task}: " + ", ".join(f"{k} {v}" for k, v in d.items()))
 
 
 def run_sessions(res: Results, plan: Plan, bundle: Any, say: Say) -> None:
@@ -575,6 +595,8 @@ def measure(res: Results, plan: Plan, sections: list[str], say: Say) -> None:
     measured, demo = {k: b for k, b in bundles.items() if k != "big"}, bundles.get("demo")
     if "inprocess" in sections:
         run_inprocess(res, plan, measured, say)
+        if len(bundles) > 1:
+            run_catalogue(res, plan, bundles, say)
     if demo is not None and "sessions" in sections:
         run_sessions(res, plan, demo, say)
     if demo is not None and "options" in sections:

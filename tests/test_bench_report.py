@@ -1,0 +1,58 @@
+"""The benchmark report's targets follow the figures they are given (fabricated cells):
+each is marked met or missed by its own threshold, never by default."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadtest.bench_report import (
+    HttpRow,
+    Results,
+    section_curves,
+    target_catalogue,
+    target_redis_hits,
+    target_workers,
+)
+
+
+def row(backend: str, workers: int, case: str, conc: int, p99: float, rps: float) -> HttpRow:
+    return HttpRow(
+        "demo", 500, "search", case, backend, workers, conc, p99 / 2, p99, rps, 0, 0.1, 1.0,
+        1.0, 500.0, extra={"worker_cpu": [0.5, 0.5]} if workers == 2 else {},
+    )  # fmt: skip
+
+
+def results(**fields: object) -> Results:
+    return Results("2026-12-02", "test", {"cpus": 2}, **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("redis_p99", "status"), [(1.9, "**met**"), (2.1, "**missed**")])
+def test_redis_hits_target_is_the_worst_p99_ratio(redis_p99: float, status: str) -> None:
+    http = [row(b, 1, "hit", c, p, 1000.0) for c in (1, 8, 32)
+            for b, p in (("memory", 1.0), ("redis", redis_p99 if c == 8 else 1.2))]  # fmt: skip
+    (got,) = target_redis_hits(results(http=http))
+    assert got[2] == status and f"c8: worst {redis_p99:.2f}x" in str(got[1])
+
+
+@pytest.mark.parametrize(("two", "status"), [(1.85, "**met**"), (1.7, "**missed**")])
+def test_workers_target_is_the_worst_two_to_one_ratio(two: float, status: str) -> None:
+    ratio = {8: 1.9, 32: two}
+    http = [row("memory", w, "miss", c, 10.0, 100.0 * ratio[c] ** (w - 1))
+            for c in (8, 32) for w in (1, 2)]  # fmt: skip
+    (got,) = target_workers(results(http=http))
+    assert got[2] == status and f"worst {two:.2f}x" in str(got[1])
+
+
+@pytest.mark.parametrize(("big_p99", "status"), [(1.25, "**met**"), (1.4, "**missed**")])
+def test_catalogue_target_compares_the_largest_with_the_smallest(
+    big_p99: float, status: str
+) -> None:
+    catalogue = [
+        {"task": t, "bundle": b, "p50": 1.0, "p99": p}
+        for t in ("search", "prequery")
+        for b, p in (("demo", 1.0), ("ml", 1.1), ("big", big_p99 if t == "search" else 1.0))
+    ]
+    res = results(catalogue=catalogue, bundle_info={"demo": {"entities": 2276}})
+    (got,) = target_catalogue(res)
+    assert got[2] == status and f"worst {big_p99:.2f}x (search)" in str(got[1])
+    assert "demo (2276 entities)" in section_curves(res, 1)
