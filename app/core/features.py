@@ -131,6 +131,9 @@ class ContextFeatures:
     # per query token: sorted entity indices holding a name token within the token's typo
     # budget (the last token of a search query as a prefix); empty below 4 characters
     fuzzy_postings: tuple[np.ndarray, ...]
+    # per query token: (E,) bool, the name holds the token (the last token of a search
+    # query: a token starting with it); retrieval and the text features both read it
+    token_marks: tuple[np.ndarray, ...]
 
     def containment(self, entities: np.ndarray) -> np.ndarray:
         """The share of the query's trigrams each of ``entities`` holds (float64)."""
@@ -270,7 +273,15 @@ class FeatureBuilder:
             query_row=self.tables.query_row(ctx.query) if ctx.task is Task.SEARCH else -1,
             context_dense=context_dense,
             fuzzy_postings=fuzzy,
+            token_marks=tuple(
+                self._token_mark(t, p) for t, p in zip(tokens, is_prefix, strict=True)
+            ),
         )
+
+    def _token_mark(self, token: str, prefix: bool) -> np.ndarray:
+        mark = np.zeros(self.n_entities, dtype=bool)
+        mark[self.text.postings(token, prefix=prefix)] = True
+        return mark
 
     def _genre_lift(self, genre_pos: np.ndarray) -> np.ndarray:
         """log(P(genre | member) / P(genre)), the member's share shrunk towards the prior
@@ -322,9 +333,8 @@ class FeatureBuilder:
         # last token of a typed query)? ``near``: exactly or within its typo budget.
         match = np.empty((len(cand), len(cf.tokens)), dtype=np.float32)
         near = np.empty_like(match)
-        for q, tok in enumerate(cf.tokens):  # loop over <= 8 query tokens, not candidates
-            needle = " " + tok if cf.is_prefix[q] else " " + tok + " "
-            match[:, q] = np.strings.find(padded, needle) >= 0
+        for q in range(len(cf.tokens)):  # loop over <= 8 query tokens, not candidates
+            match[:, q] = cf.token_marks[q][cand]
             post = cf.fuzzy_postings[q]
             near[:, q] = 0.0
             if len(post):  # sorted entity indices: one binary search per candidate

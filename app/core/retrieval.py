@@ -129,21 +129,21 @@ class CandidateRetriever:
         """Matched query tokens (exactly, the last one as a prefix; or within the typo
         budget at ``FUZZY_WEIGHT``), plus word-anchored trigram containment at or above
         ``TRIGRAM_MATCH``, plus a little popularity; only entities matching one of them."""
-        exact = [self.text.postings(tok, prefix=cf.is_prefix[i]) for i, tok in enumerate(cf.tokens)]
         trigram = cf.trigram_matches(TRIGRAM_MATCH)
-        seen = np.zeros(self.n, dtype=bool)  # the union of every posting list touched
-        for part in (*exact, *cf.fuzzy_postings, trigram):
+        seen = np.zeros(self.n, dtype=bool)  # the union of every match
+        for mark in cf.token_marks:
+            seen |= mark
+        for part in (*cf.fuzzy_postings, trigram):
             seen[part] = True
         ids = np.flatnonzero(seen)
         token_hits = np.zeros(len(ids))
         fuzzy_hits = np.zeros(len(ids))
-        for post, near in zip(exact, cf.fuzzy_postings, strict=True):
-            mark = np.zeros(self.n, dtype=bool)
-            mark[post] = True
-            is_exact = mark[ids]
-            mark[near] = True
+        for exact, near in zip(cf.token_marks, cf.fuzzy_postings, strict=True):
+            is_exact = exact[ids]
+            is_near = np.zeros(self.n, dtype=bool)
+            is_near[near] = True
             token_hits += is_exact
-            fuzzy_hits += mark[ids] & ~is_exact
+            fuzzy_hits += is_near[ids] & ~is_exact
         tri = cf.containment(ids)
         tri = np.where(tri >= TRIGRAM_MATCH, tri, 0.0)
         return ids, token_hits + FUZZY_WEIGHT * fuzzy_hits + tri + self.search_pop[ids]
