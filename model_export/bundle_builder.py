@@ -151,13 +151,15 @@ def build_bundle(
     world: object | None = None,
     train_config: TrainConfig | None = None,
     eval_per_task: int | None = None,
+    catalogue_from: Path | None = None,
 ) -> Path:
-    """Build a verified bundle in ``out`` and return its path."""
+    """Build a verified bundle in ``out`` and return its path. ``catalogue_from``: the
+    bundle whose catalogue the ``events`` source uses."""
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = PipelineConfig(seed=seed)
-    catalogue, log = load_source(source, path, seed, world)
+    catalogue, log = load_source(source, path, seed, world, catalogue_from)
     print(f"data: {len(log)} rows {log.rows_per_task()}", flush=True)
     prep = prepare(catalogue, log, config)
     rows = training_rows(prep)

@@ -1,7 +1,9 @@
 """The ``unicorn`` command.
 
     unicorn data --source synthetic|movielens [--path P] --out DIR [--seed N]
+    unicorn data --source events --path EVENTS_DIR --catalogue-from BUNDLE --out DIR
     unicorn build-bundle --source synthetic|movielens [--path P] --out bundles/NAME [--quick]
+    unicorn build-bundle --source events --path EVENTS_DIR --catalogue-from BUNDLE --out ...
     unicorn evaluate --source synthetic|movielens [--path P] [--seeds 7 8 9] [--out docs/...]
     unicorn serve --bundle P [--host H] [--port N] [--workers N]
 
@@ -14,12 +16,28 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.core.catalogue import Catalogue
+    from model_export.engagement_log import EngagementLog
 
 
-def _add_source(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", choices=["synthetic", "movielens"], default="synthetic")
-    p.add_argument("--path", type=Path, default=None, help="MovieLens folder (movies.csv...)")
+def _add_source(p: argparse.ArgumentParser, events: bool = False) -> None:
+    sources = ["synthetic", "movielens", "events"] if events else ["synthetic", "movielens"]
+    p.add_argument("--source", choices=sources, default="synthetic")
+    help_path = "MovieLens folder (movies.csv...)" + (
+        "; events: the service's event log folder (impressions-*.parquet...)" if events else ""
+    )
+    p.add_argument("--path", type=Path, default=None, help=help_path)
     p.add_argument("--seed", type=int, default=7)
+    if events:
+        p.add_argument(
+            "--catalogue-from",
+            type=Path,
+            default=None,
+            help="events: the bundle (or catalogue.npz) whose catalogue the events name",
+        )
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -27,7 +45,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     from model_export.training_pipeline import load_source
 
     started = time.perf_counter()
-    catalogue, log = load_source(args.source, args.path, args.seed)
+    if args.source == "events":
+        catalogue, log = _events_data(args)
+    else:
+        catalogue, log = load_source(args.source, args.path, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     log.save(args.out / "engagements.npz")
     catalogue.save(args.out / "catalogue.npz")
@@ -49,10 +70,33 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _events_data(args: argparse.Namespace) -> tuple[Catalogue, EngagementLog]:
+    """The events source for ``data``: prints the join report and also writes it
+    (``events_report.json``) and each row's position shown (``positions.npz``)."""
+    import json
+
+    from app.core.table_io import save_table
+    from model_export.event_source import load_events_source
+
+    catalogue, log, report = load_events_source(args.path, args.catalogue_from)
+    print(report.format())
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "events_report.json").write_text(json.dumps(report.as_dict(), indent=1) + "\n")
+    save_table(args.out / "positions.npz", {"position": report.position})
+    return catalogue, log
+
+
 def cmd_build_bundle(args: argparse.Namespace) -> int:
     from model_export.bundle_builder import build_bundle
 
-    build_bundle(args.out, source=args.source, path=args.path, quick=args.quick, seed=args.seed)
+    build_bundle(
+        args.out,
+        source=args.source,
+        path=args.path,
+        quick=args.quick,
+        seed=args.seed,
+        catalogue_from=args.catalogue_from,
+    )
     return 0
 
 
@@ -83,12 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="write the unified engagement log and the catalogue")
-    _add_source(p)
+    _add_source(p, events=True)
     p.add_argument("--out", type=Path, default=Path("data/synthetic"))
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("build-bundle", help="data -> train -> evaluate -> export a bundle")
-    _add_source(p)
+    _add_source(p, events=True)
     p.add_argument("--out", type=Path, default=Path("bundles/demo"))
     p.add_argument("--quick", action="store_true", help="fewer epochs, smaller evaluation")
     p.set_defaults(func=cmd_build_bundle)

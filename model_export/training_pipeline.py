@@ -67,9 +67,15 @@ class Prepared:
 
 
 def load_source(
-    source: str, path: Path | None, seed: int, world: object | None = None
+    source: str,
+    path: Path | None,
+    seed: int,
+    world: object | None = None,
+    catalogue_from: Path | None = None,
 ) -> tuple[Catalogue, EngagementLog]:
-    """The catalogue and log of a data source: ``synthetic`` or ``movielens``."""
+    """The catalogue and log of a data source: ``synthetic``, ``movielens`` or ``events``
+    (the service's event logs in ``path``, the catalogue of the bundle ``catalogue_from``;
+    prints the join report)."""
     if source == "synthetic":
         from model_export.synthetic import WorldConfig, generate_world
 
@@ -82,7 +88,13 @@ def load_source(
 
         catalogue, log, _report = load_movielens(Path(path), seed=seed)
         return catalogue, log
-    raise ValueError(f"source must be 'synthetic' or 'movielens', got {source!r}")
+    if source == "events":
+        from model_export.event_source import load_events_source
+
+        catalogue, log, report = load_events_source(path, catalogue_from)
+        print(report.format(), flush=True)
+        return catalogue, log
+    raise ValueError(f"source must be 'synthetic', 'movielens' or 'events', got {source!r}")
 
 
 def prepare(catalogue: Catalogue, log: EngagementLog, config: PipelineConfig) -> Prepared:
