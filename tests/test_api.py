@@ -121,9 +121,10 @@ async def test_response_schema_and_json_types(client: httpx.AsyncClient, bundle:
     body = response.json()
     parsed = RankResponse.model_validate(body)
     assert set(body) == {
-        "items", "task", "model_version", "personalization", "cache", "context",
+        "request_id", "items", "task", "model_version", "personalization", "cache", "context",
         "unknown_candidates",
     }  # fmt: skip
+    assert body["request_id"] == response.headers["x-request-id"]  # one id, two places
     assert set(body["items"][0]) == {"entity_id", "score", "name", "entity_type"}
     scores = [item.score for item in parsed.items]
     assert scores == sorted(scores, reverse=True)

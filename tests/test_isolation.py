@@ -23,7 +23,7 @@ import app.http.routes as app_api
 from app.core.context import Personalization, Task
 from app.serving.cache import OPERATIONS, CacheKeyParts, cache_key
 from app.serving.config import Settings
-from app.serving.metrics import CACHE_OUTCOMES, STAGES
+from app.serving.metrics import CACHE_OUTCOMES, EVENT_OUTCOMES, STAGES
 
 pytestmark = pytest.mark.anyio
 
@@ -78,7 +78,8 @@ async def test_metric_label_values_stay_bounded_enums_whatever_the_traffic(
         "task": {t.value for t in Task},
         "personalization": {p.value for p in Personalization},
         "cache": set(CACHE_OUTCOMES),
-        "outcome": set(CACHE_OUTCOMES),
+        "outcome": set(CACHE_OUTCOMES) | set(EVENT_OUTCOMES),
+        "kind": {"impression", "engagement"},
         "stage": set(STAGES),
         "route": routes,
         "backend": {"memory", "redis"},

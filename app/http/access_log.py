@@ -24,7 +24,6 @@ per interval; ``configure_logging`` installs it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -97,14 +96,6 @@ class AccessRecord:
         # the fields are flat values: ``__dict__``, not ``asdict``'s recursive copy (a
         # third of a line's cost)
         return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
-def hash_user(user_id: str | None, key: bytes) -> str | None:
-    """A keyed 64-bit blake2b of the user id: joinable across lines, not reversible by
-    enumerating likely ids without the key."""
-    if not user_id:
-        return None
-    return hashlib.blake2b(user_id.encode("utf-8", "replace"), key=key, digest_size=8).hexdigest()
 
 
 def describe_rank(

@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from app.core.errors import ModelUnavailable
 from app.http.schemas import RankLimits
 from app.serving.config import Settings
+from app.serving.feedback import Feedback
 from app.serving.metrics import ServiceMetrics
 from app.serving.model_holder import ModelHolder
 from app.serving.pipeline import RankingPipeline
@@ -27,12 +28,14 @@ class Served:
     pipeline: RankingPipeline
     stopping: bool = False
     limits: RankLimits = field(init=False)
-    user_key: bytes = field(init=False)  # keys the user-id hash of the access log
+    user_key: bytes = field(init=False)  # keys the user-id hash of the access log and events
+    feedback: Feedback | None = field(init=False)  # None: events off (no sink configured)
 
     def __post_init__(self) -> None:
         self.limits = RankLimits(self.settings.max_query_chars, self.settings.max_candidates)
         salt = self.settings.log_user_salt
         self.user_key = salt.get_secret_value().encode() if salt else os.urandom(16)
+        self.feedback = Feedback.from_settings(self.settings, self.metrics, self.user_key)
 
 
 def served_or_none(request: Request) -> Served | None:

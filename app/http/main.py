@@ -78,6 +78,8 @@ async def _close(served: Served) -> None:
     served.stopping = True  # /readyz answers 503 from here on
     await served.models.close()
     await served.pipeline.close()
+    if served.feedback is not None:
+        await served.feedback.close()  # what is queued is written
     ServiceMetrics.mark_process_dead(os.getpid())
 
 
@@ -104,6 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ) from None
         logger.info("cache: %s", settings.cache_backend)
         app.state.served = served
+        if served.feedback is not None:
+            served.feedback.start()
         await _warm_routes(app)
         freeze_heap()
         sampler = asyncio.get_running_loop().create_task(_sample_process(metrics))

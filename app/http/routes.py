@@ -2,8 +2,8 @@
 ``app.http.deps``; every error mapped to ``{"error": {code, message, field}}`` by
 ``app.http.error_handlers``.
 
-Routes: ``POST /rank``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics``,
-``POST /admin/reload``, ``GET /catalogue/sample``. OpenAPI at ``/docs``.
+Routes: ``POST /rank``, ``POST /events``, ``GET /healthz``, ``GET /readyz``,
+``GET /metrics``, ``POST /admin/reload``, ``GET /catalogue/sample``. OpenAPI at ``/docs``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
 from app.core.errors import Forbidden, NotFound, Unauthorized, UnsupportedMediaType
-from app.http.access_log import access_record, describe_rank, hash_user
+from app.http.access_log import access_record, describe_rank, new_request_id
 from app.http.deps import ServedDep, served_or_none
 from app.http.protocol import ARRIVAL_KEY
 from app.http.sampling import sample_catalogue
@@ -28,14 +28,18 @@ from app.http.schemas import (
     CacheState,
     CatalogueSample,
     ErrorResponse,
+    EventsAccepted,
+    EventsRequest,
     Health,
     RankRequest,
     RankResponse,
     Ready,
     ReloadRequest,
     ReloadResponse,
+    parse_body,
     parse_rank_request,
 )
+from app.serving.feedback import Engagement, hash_user
 from app.serving.pipeline import RankOutcome
 
 JSON = "application/json"
@@ -84,10 +88,11 @@ def require_json(content_type: str | None) -> None:
         )
 
 
-def rank_body(outcome: RankOutcome) -> bytes:
+def rank_body(outcome: RankOutcome, request_id: str) -> bytes:
     """The JSON of a ``/rank`` answer (``RankResponse``), rendered once by orjson."""
     return orjson.dumps(
         {
+            "request_id": request_id,
             "items": outcome.items,
             "task": outcome.context.task.value,
             "model_version": outcome.model_version,
@@ -129,10 +134,44 @@ async def rank(request: Request, served: ServedDep) -> JsonResponse:
         )
     arrived = request.scope.get("state", {}).get(ARRIVAL_KEY)  # when its head was read
     outcome = await served.pipeline.rank(req.to_query(), model, started, arrived)
+    request_id = new_request_id() if record is None else record.request_id
     if record is not None:
         record.cache = outcome.cache
         record.n_candidates = outcome.n_candidates
-    return JsonResponse(rank_body(outcome))
+    if served.feedback is not None:
+        served.feedback.impression(request_id, outcome)
+    return JsonResponse(rank_body(outcome, request_id))
+
+
+# --- feedback events ----------------------------------------------------------------------
+events_router = APIRouter(tags=["events"])
+EVENTS_REQUEST_SCHEMA = {
+    k: v
+    for k, v in EventsRequest.model_json_schema(ref_template="#/components/schemas/{model}").items()
+    if k != "$defs"
+}
+
+
+@events_router.post(
+    "/events",
+    response_model=EventsAccepted,
+    responses=_errors(400, 404, 413, 415, 422),
+    openapi_extra={
+        "requestBody": {"required": True, "content": {JSON: {"schema": EVENTS_REQUEST_SCHEMA}}}
+    },
+)
+async def events(request: Request, served: ServedDep) -> EventsAccepted:
+    """Engagements with the items of ``/rank`` answers (play, click, add_to_list...), in
+    batches; idempotent on ``event_id``. 404 when no event sink is configured."""
+    feedback = served.feedback
+    if feedback is None:
+        raise NotFound("events are disabled (set UNICORN_EVENTS_DIR or UNICORN_EVENTS_REDIS_URL)")
+    require_json(request.headers.get("content-type"))
+    req = parse_body(EventsRequest, await request.body())
+    accepted, duplicates = feedback.engagements(
+        Engagement(e.event_id, e.request_id, e.entity_id, e.type, e.ts) for e in req.events
+    )
+    return EventsAccepted(accepted=accepted, duplicates=duplicates)
 
 
 # --- health -------------------------------------------------------------------------------
@@ -229,7 +268,9 @@ async def catalogue_sample(
     return sample_catalogue(served.models.current(), n, seed)
 
 
-ROUTERS = (ranking_router, health_router, metrics_router, admin_router, catalogue_router)
+ROUTERS = (
+    ranking_router, events_router, health_router, metrics_router, admin_router, catalogue_router,
+)  # fmt: skip
 for _router in ROUTERS:  # HEAD wherever GET exists (probes, caches, curl -I); undocumented
     for _route in list(_router.routes):
         if isinstance(_route, APIRoute) and "GET" in (_route.methods or ()):

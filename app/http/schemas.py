@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -33,6 +33,7 @@ from app.serving.cache import CacheOutcome
 from app.serving.config import CacheBackend
 
 CacheState = Literal["ok", "degraded", "off"]
+M = TypeVar("M", bound=BaseModel)
 
 K_MIN, K_MAX, K_DEFAULT = 1, 200, 20
 MAX_ID_CHARS = 128
@@ -142,8 +143,14 @@ def parse_rank_request(body: bytes, limits: RankLimits) -> RankRequest:
     """Validate a raw ``/rank`` body (pydantic's JSON parser, with the limits). A body that
     is not JSON, or names a field twice, is a 400 ``MalformedRequest``; a rule broken is a
     422 ``ValidationError``."""
+    return parse_body(RankRequest, body, limits)
+
+
+def parse_body(model: type[M], body: bytes, context: Any = None) -> M:
+    """``body`` validated as ``model`` by pydantic's JSON parser: not JSON, or a field named
+    twice in an object, is a 400 ``MalformedRequest``; a rule broken, a 422."""
     try:
-        req = RankRequest.model_validate_json(body, context=limits)
+        req = model.model_validate_json(body, context=context)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         if errors and errors[0]["type"] == "json_invalid":
@@ -158,7 +165,7 @@ def parse_rank_request(body: bytes, limits: RankLimits) -> RankRequest:
 
 def _refuse_duplicate_fields(body: bytes) -> None:
     """JSON parsers keep the last of two equal keys; a body saying ``"k": 5, "k": 50`` is
-    ambiguous, so it is refused. A valid request has one object (the top level)."""
+    ambiguous, so it is refused (in any object of the body)."""
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
@@ -169,6 +176,67 @@ def _refuse_duplicate_fields(body: bytes) -> None:
         return dict(items)
 
     json.loads(body, object_pairs_hook=pairs)
+
+
+# --- POST /events -----------------------------------------------------------------------
+MAX_EVENTS = 1000
+EventId = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9._:\-]+$")
+]
+EngagementType = Literal["play", "click", "add_to_list", "like", "dislike", "dismiss"]
+# Client timestamps: epoch seconds between 2000-01-01 and 2100-01-01.
+MIN_TS, MAX_TS = 946_684_800.0, 4_102_444_800.0
+
+
+class EngagementIn(BaseModel):
+    """What a member did with one entity of one ``/rank`` answer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: EventId = Field(description="Unique per engagement; a repeat is a duplicate.")
+    request_id: EventId = Field(description="The request_id of the /rank answer it was in.")
+    entity_id: EntityId = Field(description="The entity engaged with.")
+    type: EngagementType = Field(description="What the member did.")
+    ts: float | None = Field(
+        default=None,
+        ge=MIN_TS,
+        le=MAX_TS,
+        allow_inf_nan=False,
+        description="When (epoch seconds, the client's clock); absent = when received.",
+    )
+
+
+class EventsRequest(BaseModel):
+    """A batch of engagements (docs/API.md, "POST /events")."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "events": [
+                        {
+                            "event_id": "e-7f3a",
+                            "request_id": "4b1c9e0d2a7f4e6b8c3d5a1f0e9b7c2d",
+                            "entity_id": "v123",
+                            "type": "play",
+                            "ts": 1796190000.5,
+                        }
+                    ]
+                }
+            ]
+        },
+    )
+
+    events: list[EngagementIn] = Field(
+        min_length=1, max_length=MAX_EVENTS, description=f"1 to {MAX_EVENTS} engagements."
+    )
+
+
+class EventsAccepted(BaseModel):
+    accepted: int = Field(description="Engagements queued for the sink.")
+    duplicates: int = Field(description="Engagements whose event_id was seen already.")
 
 
 class RankedItemOut(BaseModel):
@@ -190,6 +258,10 @@ class ContextOut(BaseModel):
 
 
 class RankResponse(BaseModel):
+    request_id: str = Field(
+        description="This answer's id (also the X-Request-ID header); engagements with its "
+        "items name it (POST /events)."
+    )
     items: list[RankedItemOut]
     task: Task
     model_version: str

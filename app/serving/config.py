@@ -193,6 +193,31 @@ class Settings(BaseSettings):
         description="Key of the user-id hash in access logs; set the same value on every "
         "replica to follow a user across them. Unset = random per process.",
     )
+    # --- feedback events (docs/OPERATIONS.md, "Event sinks") ------------------------------
+    events_dir: Path | None = Field(
+        default=None,
+        description="Write an impression per /rank answer and the engagements of POST /events "
+        "as Parquet files in this directory. Unset (and no events_redis_url) = events off: "
+        "/events answers 404.",
+    )
+    events_redis_url: str | None = Field(
+        default=None,
+        description="Write the events to Redis Streams (unicorn:events:*) instead, for several "
+        "replicas; `python -m app.serving.events collect` drains them to files. Give events "
+        "their own Redis (noeviction, AOF), not the cache's.",
+    )
+    events_raw_user_ids: bool = Field(
+        default=False,
+        description="Events carry the raw user id (a bundle trained from them personalises). "
+        "Off: the keyed hash of the access log (log_user_salt).",
+    )
+    events_queue_capacity: int = Field(
+        default=10_000,
+        ge=100,
+        le=10_000_000,
+        description="Events held per kind while the sink is slow or down; beyond, the oldest "
+        'are dropped (unicorn_events_total{outcome="dropped"}).',
+    )
     host: str = Field(default="127.0.0.1", description="Interface to bind.")
     port: int = Field(default=8000, ge=1, le=65_535, description="TCP port.")
     workers: int = Field(default=1, ge=1, le=256, description="uvicorn worker processes.")
@@ -207,7 +232,7 @@ class Settings(BaseSettings):
         description="PROMETHEUS_MULTIPROC_DIR for workers > 1; unset = a fresh temp dir.",
     )
 
-    @field_validator("bundle", "metrics_dir", mode="after")
+    @field_validator("bundle", "metrics_dir", "events_dir", mode="after")
     @classmethod
     def _expand_path(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser()
@@ -251,6 +276,14 @@ class Settings(BaseSettings):
                 return data  # the field validator names the bad batch_window_ms
             data = {**data, "max_in_flight": BATCHING_SLOTS if batching else INLINE_SLOTS}
         return data
+
+    @model_validator(mode="after")
+    def _one_event_sink(self) -> Settings:
+        if self.events_dir is not None and self.events_redis_url:
+            raise ValueError("set events_dir or events_redis_url, not both")
+        if self.events_redis_url and not self.events_redis_url.startswith(REDIS_SCHEMES):
+            raise ValueError(f"events_redis_url must start with one of {REDIS_SCHEMES}")
+        return self
 
     @model_validator(mode="after")
     def _check_url_fits_headers(self) -> Settings:

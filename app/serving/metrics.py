@@ -49,6 +49,7 @@ STAGES: tuple[str, ...] = ("retrieval", "features", "inference", "cache")
 CACHE_OUTCOMES: tuple[str, ...] = ("hit", "miss", "bypass")
 # Every status the service answers (499: the client went away first). Each (route,
 # status) series exists at zero from the start, so that increase() sees a first burst.
+EVENT_OUTCOMES = ("queued", "written", "dropped", "duplicate")
 STATUSES: tuple[int, ...] = (
     200, 400, 401, 403, 404, 405, 408, 409, 413, 414, 415, 422, 431, 499, 500, 503,
 )  # fmt: skip
@@ -128,6 +129,14 @@ class ServiceMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.events = Counter(
+            "unicorn_events_total",
+            "Feedback events by kind (impression, engagement) and outcome: queued, written "
+            "(in a complete file or a stream), dropped (queue full, sink failed), duplicate "
+            "(an engagement event id seen already).",
+            ["kind", "outcome"],
+            registry=r,
+        )
         self.shed = Counter(
             "unicorn_shed_requests_total",
             "Requests refused with 503 by admission control (no scoring slot in time).",
@@ -180,6 +189,9 @@ class ServiceMetrics:
                     self.rank_latency.labels(task.value, level.value, outcome)
         for result in ("ok", "refused"):
             self.model_reloads.labels(result)
+        for kind in ("impression", "engagement"):
+            for outcome in EVENT_OUTCOMES:
+                self.events.labels(kind, outcome)
         self.sample_process()
 
     def init_routes(self, routes: frozenset[str] | tuple[str, ...]) -> None:
