@@ -377,6 +377,10 @@ def run_http_options(runner: HttpRunner, bundle: str) -> None:
     # One JSON access-log line per request (INFO, the default) against none (WARNING).
     for level in ("INFO", "WARNING"):
         measure("log_level", level, 1, "hit", (1, 32), log_level=level)
+    # The feedback loop's impression per answer (Parquet files) against events off.
+    for case, events in itertools.product(("hit", "miss"), ("off", "on")):
+        sink = {"events_dir": str(runner.workdir / f"events-{case}")} if events == "on" else {}
+        measure("events", events, 1, case, (1, 32), **sink)
 
 
 def run_scale(res: Results, runner: HttpRunner, plan: Plan, say: Say) -> None:
