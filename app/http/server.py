@@ -11,7 +11,9 @@ defaults to the ``UNICORN_*`` environment variable, then to the ``Settings`` def
 The admin token is read from ``UNICORN_ADMIN_TOKEN`` only: a command line is visible to
 every user of the machine.
 
-With ``--workers`` > 1, settings reach the worker processes as ``UNICORN_*`` variables
+With ``--workers`` > 1, uvicorn's supervisor runs the workers, each on its own listening
+socket bound with SO_REUSEPORT (Linux spreads new connections evenly over them; see
+``_run_workers``); settings reach them as ``UNICORN_*`` variables
 and ``PROMETHEUS_MULTIPROC_DIR`` is set (a fresh temp dir unless ``metrics_dir``) before
 any worker imports ``prometheus_client``, so ``/metrics`` adds up every worker. A bundle
 that fails verification stops the process before uvicorn starts, with the reason and a
@@ -25,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,12 +143,14 @@ def run(
     *,
     app_factory: str = DEFAULT_FACTORY,
     http: str = "httptools",
+    reuse_port: bool = True,
 ) -> None:
     """Serve until SIGINT/SIGTERM. Exits with a message when the bundle is refused.
 
     ``app_factory`` ("module:function", called with the settings) lets a benchmark serve
     the same stack with an extra route; ``http`` (``httptools`` or ``h11``) exists to
-    measure what httptools buys. Either runs with the connection limits of
+    measure what httptools buys, ``reuse_port=False`` (several workers on one shared
+    listening socket) what a socket per worker buys. Either runs with the connection limits of
     ``app.http.protocol`` (head size, read deadlines, connection cap, JSON refusals);
     WebSocket upgrades are off (the service has no WebSocket route). The event loop is
     ``settings.event_loop``.
@@ -188,25 +194,113 @@ def run(
         _prepare_multiprocess_metrics(settings)
         os.environ.update(settings.to_env())
         os.environ[WORKER_FACTORY_ENV] = app_factory
-        _run_workers(uvicorn.Config(WORKER_ENTRY, factory=True, workers=settings.workers, **common))
+        config = uvicorn.Config(WORKER_ENTRY, factory=True, workers=settings.workers, **common)
+        _run_workers(config, reuse_port=reuse_port)
     else:
         uvicorn.run(import_from_string(app_factory)(settings), **common)
 
 
-def _run_workers(config: Any) -> None:
-    """What ``uvicorn.run`` does with several workers, with TCP_NODELAY on the listening
-    socket, which the connections it accepts inherit. uvicorn creates that socket with
-    protocol 0, and asyncio's transports only set TCP_NODELAY on sockets whose protocol
-    is IPPROTO_TCP. Without it, a response's header and body writes meet delayed ACKs
-    (docs/BENCHMARKS.md, recommended change 8)."""
-    import socket
+def _run_workers(config: Any, *, reuse_port: bool = True) -> None:
+    """What ``uvicorn.run`` does with several workers (uvicorn's supervisor: a dead worker
+    is replaced, SIGHUP restarts them, SIGINT/SIGTERM stop them gracefully), with one
+    listening socket per worker bound with SO_REUSEPORT instead of one socket they all
+    share, and TCP_NODELAY on the listening socket(s).
+
+    On one shared socket, whichever worker's event loop woke first accepted every
+    connection waiting, and a busy worker kept winning: 8 keep-alive connections landed
+    all on one worker in 34 runs of 46, and 2 workers served what one does
+    (docs/OPERATIONS.md, "Workers"). With a socket per worker, Linux hashes each new
+    connection to one of the sockets (8 connections: never all on one in 40 runs; 2
+    workers 1.9 to 2.1x one worker's throughput). Each worker binds its own socket as it
+    starts (``WorkerListener``), replacements too, so a dead worker's socket closes with
+    it and the kernel sends new connections to the others at once. The supervisor first
+    binds the port as uvicorn does, to learn it and to fail at start (exit status 3) when
+    another program holds it, even one with SO_REUSEPORT (a second server on the same
+    port). Where SO_REUSEPORT does not balance (not Linux), or with ``reuse_port=False``,
+    the workers share one socket, as before.
+
+    uvicorn creates its sockets with protocol 0, and asyncio's transports only set
+    TCP_NODELAY on sockets whose protocol is IPPROTO_TCP; so it is set on the listening
+    socket, which the connections it accepts inherit. Without it, a response's header
+    and body writes meet delayed ACKs (docs/BENCHMARKS.md, recommended change 8)."""
+    import logging
 
     from uvicorn.supervisors import Multiprocess
 
-    sock = config.bind_socket()
+    sock = config.bind_socket()  # logs the address; exits with status 3 if it is taken
+    sockets: list[Any] = [sock]
     if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    Multiprocess(config, sockets=[sock]).run()
+        if reuse_port and _reuse_port_balances():
+            port = sock.getsockname()[1]
+            sock.close()
+            try:
+                sockets = [WorkerListener(sock.family, config.host, port)]
+            except OSError as exc:  # taken in between
+                raise SystemExit(f"unicorn serve: cannot start: {exc}") from None
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            logging.getLogger("unicorn.serve").warning(
+                "the %d workers share one listening socket (%s): connections may not "
+                "split evenly between them",
+                config.workers,
+                "reuse_port=False" if not reuse_port else "no SO_REUSEPORT balancing here",
+            )
+    Multiprocess(config, sockets=sockets).run()
+
+
+def _reuse_port_balances() -> bool:
+    """Whether SO_REUSEPORT spreads connections over the listening sockets: Linux (3.9+);
+    elsewhere it is missing or gives every connection to one socket."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+class WorkerListener(socket.socket):
+    """The listening socket uvicorn's supervisor hands every worker it starts. In the
+    supervisor it is bound with the workers' options (``bind_worker_socket``) and never
+    listens, so it takes no connection but holds the port while the supervisor runs, even
+    when every worker is down. Pickled into a spawned worker, it becomes that worker's own
+    socket, bound the same way there, which uvicorn listens on once the app has started."""
+
+    def __init__(self, family: int, host: str, port: int) -> None:
+        super().__init__(family, socket.SOCK_STREAM)
+        self.host = host
+        try:
+            _set_listener_options(self)
+            self.bind((host, port))
+        except OSError:
+            self.close()
+            raise
+
+    def __reduce__(self) -> tuple[Callable[..., socket.socket], tuple[int, str, int]]:
+        return bind_worker_socket, (int(self.family), self.host, self.getsockname()[1])
+
+
+def _set_listener_options(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def bind_worker_socket(family: int, host: str, port: int) -> socket.socket:
+    """A worker's listening socket: bound to ``(host, port)`` with SO_REUSEPORT (and
+    SO_REUSEADDR and TCP_NODELAY, see ``_run_workers``), not yet listening. Exits with
+    uvicorn's startup-failure status (3) when it cannot bind, which stops the supervisor
+    instead of having it replace the worker forever."""
+    import logging
+
+    from uvicorn.config import STARTUP_FAILURE
+
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        _set_listener_options(sock)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        logging.getLogger("unicorn.serve").error(
+            "worker %d cannot bind %s:%d: %s", os.getpid(), host, port, exc
+        )
+        sys.exit(STARTUP_FAILURE)
+    return sock
 
 
 def _ensure_descriptors(needed: int) -> None:
