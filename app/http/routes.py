@@ -145,11 +145,27 @@ async def rank(request: Request, served: ServedDep) -> JsonResponse:
 
 # --- feedback events ----------------------------------------------------------------------
 events_router = APIRouter(tags=["events"])
-EVENTS_REQUEST_SCHEMA = {
-    k: v
-    for k, v in EventsRequest.model_json_schema(ref_template="#/components/schemas/{model}").items()
-    if k != "$defs"
-}
+
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` written in place of their references
+    (the body schema of a route whose models are not OpenAPI components)."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return dict(resolve(schema))
+
+
+EVENTS_REQUEST_SCHEMA = _inlined(EventsRequest.model_json_schema())
 
 
 @events_router.post(
