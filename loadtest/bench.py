@@ -293,7 +293,7 @@ class HttpRunner:
                 candidates=delta("unicorn_candidates_per_request_sum") / scored if scored else nan,
                 extra={"redis_cpu": redis_cpu if labels["backend"] == "redis" else 0.0,
                        "worker_cpu": [(b - a) / secs for a, b in zip(w0, w1, strict=True)],
-                       "other_cpu": other_cpu, **extra},
+                       "other_cpu": other_cpu, **extra}, seconds=wrk.seconds,
             )  # fmt: skip
             self.res.http.append(row)
             self.say(

@@ -15,10 +15,12 @@ from loadtest.bench_report import (
 )
 
 
-def row(backend: str, workers: int, case: str, conc: int, p99: float, rps: float) -> HttpRow:
+def row(
+    backend: str, workers: int, case: str, conc: int, p99: float, rps: float, errors: int = 0
+) -> HttpRow:
     return HttpRow(
-        "demo", 500, "search", case, backend, workers, conc, p99 / 2, p99, rps, 0, 0.1, 1.0,
-        1.0, 500.0, extra={"worker_cpu": [0.5, 0.5]} if workers == 2 else {},
+        "demo", 500, "search", case, backend, workers, conc, p99 / 2, p99, rps, errors, 0.1, 1.0,
+        1.0, 500.0, extra={"worker_cpu": [0.5, 0.5]} if workers == 2 else {}, seconds=2.0,
     )  # fmt: skip
 
 
@@ -41,6 +43,23 @@ def test_workers_target_is_the_worst_two_to_one_ratio(two: float, status: str) -
             for c in (8, 32) for w in (1, 2)]  # fmt: skip
     (got,) = target_workers(results(http=http))
     assert got[2] == status and f"worst {two:.2f}x" in str(got[1])
+
+
+def test_workers_target_compares_goodput_not_fast_503s() -> None:
+    # one worker "serves" 1000 req/s at c32, 900 of them 503s (1800 errors in 2 s): its
+    # goodput is 100/s, so two workers answering 190/s without errors is 1.9x, met
+    http = [row("memory", 1, "miss", 8, 10.0, 100.0), row("memory", 2, "miss", 8, 10.0, 190.0),
+            row("memory", 1, "miss", 32, 10.0, 1000.0, errors=1800),
+            row("memory", 2, "miss", 32, 10.0, 190.0)]  # fmt: skip
+    (got,) = target_workers(results(http=http))
+    assert got[2] == "**met**" and "worst 1.90x" in str(got[1])
+
+
+def test_goodput_needs_the_cell_length() -> None:
+    cell = row("memory", 1, "miss", 8, 10.0, 100.0)
+    assert cell.goodput == 100.0
+    with pytest.raises(ValueError, match="no cell length"):
+        _ = HttpRow(**{**cell.__dict__, "seconds": 0.0}).goodput
 
 
 @pytest.mark.parametrize(("big_p99", "status"), [(1.25, "**met**"), (1.4, "**missed**")])
