@@ -46,6 +46,7 @@ from model_export.model import UniCoRn
 from model_export.skew import SKEW_BOUND, format_report, serving_rows, skew_report, skewed
 from model_export.train import TrainConfig, predict
 from model_export.training_pipeline import (
+    ItemSpace,
     PipelineConfig,
     Prepared,
     load_source,
@@ -152,16 +153,21 @@ def build_bundle(
     train_config: TrainConfig | None = None,
     eval_per_task: int | None = None,
     catalogue_from: Path | None = None,
+    warm_start: Path | None = None,
 ) -> Path:
     """Build a verified bundle in ``out`` and return its path. ``catalogue_from``: the
-    bundle whose catalogue the ``events`` source uses."""
+    bundle whose catalogue the ``events`` source uses. ``warm_start``: a bundle of the same
+    catalogue whose item space (item vectors, user clusters) is carried over instead of
+    pre-trained from this log (``ItemSpace``)."""
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = PipelineConfig(seed=seed)
     catalogue, log = load_source(source, path, seed, world, catalogue_from)
     print(f"data: {len(log)} rows {log.rows_per_task()}", flush=True)
-    prep = prepare(catalogue, log, config)
+    item_space = None if warm_start is None else ItemSpace.of_bundle(warm_start, catalogue)
+    prep = prepare(catalogue, log, config, item_space)
+    config = prep.config
     rows = training_rows(prep)
     train_config = train_config or TrainConfig(epochs=1 if quick else 2, seed=seed)
     model, stats = train_unicorn(prep, rows, train_config)
@@ -204,6 +210,7 @@ def build_bundle(
         "personalization": "one model serves none|cluster|full (level is an input)",
         "train_config": train_config.to_dict(),
         "pipeline_config": config.__dict__,
+        "warm_start": None if warm_start is None else read_manifest(warm_start)["model_version"],
         "training": stats | {"timings": prep.timings},
         "data": data_summary(prep, source),
         "offline_metrics": metrics,

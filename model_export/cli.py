@@ -4,6 +4,7 @@
     unicorn data --source events --path EVENTS_DIR --catalogue-from BUNDLE --out DIR
     unicorn build-bundle --source synthetic|movielens [--path P] --out bundles/NAME [--quick]
     unicorn build-bundle --source events --path EVENTS_DIR --catalogue-from BUNDLE --out ...
+        [--warm-start BUNDLE]
     unicorn evaluate --source synthetic|movielens [--path P] [--seeds 7 8 9] [--out docs/...]
     unicorn serve --bundle P [--host H] [--port N] [--workers N]
 
@@ -96,6 +97,7 @@ def cmd_build_bundle(args: argparse.Namespace) -> int:
         quick=args.quick,
         seed=args.seed,
         catalogue_from=args.catalogue_from,
+        warm_start=args.warm_start,
     )
     return 0
 
@@ -135,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source(p, events=True)
     p.add_argument("--out", type=Path, default=Path("bundles/demo"))
     p.add_argument("--quick", action="store_true", help="fewer epochs, smaller evaluation")
+    p.add_argument(
+        "--warm-start",
+        type=Path,
+        default=None,
+        metavar="BUNDLE",
+        help="carry the item space (item vectors, user clusters) over from BUNDLE, of the "
+        "same catalogue, instead of pre-training it from this log (default: pre-train)",
+    )
     p.set_defaults(func=cmd_build_bundle)
 
     p = sub.add_parser("evaluate", help="the offline evaluation table (docs/EVALUATION.md)")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,35 @@ class PipelineConfig:
     mf_epochs: int = 15
     max_retrieved: int = 300
     negatives: int = 30  # label-0 rows per training impression, from the retriever
+
+
+@dataclass(frozen=True)
+class ItemSpace:
+    """The pre-trained item vectors and the user-cluster centroids over them. Learnt from
+    the history window, or carried over from an earlier bundle (``build-bundle
+    --warm-start``): a small log, such as a few days of a deployment's own events, is
+    enough to retrain the ranker but too little to learn the geometry of the catalogue."""
+
+    item_vec: np.ndarray  # (E, d) float32, rows in catalogue order
+    centroids: np.ndarray  # (K, d) float32
+
+    @classmethod
+    def of_bundle(cls, bundle: Path, catalogue: Catalogue) -> ItemSpace:
+        """The item space of a verified bundle whose catalogue is ``catalogue`` (the same
+        entities in the same order: the vectors are keyed by entity index)."""
+        from app.core.bundle import CATALOGUE_FILE, TABLES_FILE, verify_bundle
+
+        bundle = Path(bundle)
+        verify_bundle(bundle)
+        prior = Catalogue.load(bundle / CATALOGUE_FILE)
+        if not np.array_equal(prior.entity_id, catalogue.entity_id):
+            raise ValueError(
+                f"--warm-start {bundle}: its catalogue ({len(prior)} entities) is not the "
+                f"catalogue being trained on ({len(catalogue)} entities); the item space is "
+                "keyed by entity index, so both must list the same entities in the same order"
+            )
+        tables = FeatureTables.load(bundle / TABLES_FILE)
+        return cls(tables.item_vec.astype(np.float32), tables.centroids.astype(np.float32))
 
 
 @dataclass
@@ -97,7 +127,13 @@ def load_source(
     raise ValueError(f"source must be 'synthetic', 'movielens' or 'events', got {source!r}")
 
 
-def prepare(catalogue: Catalogue, log: EngagementLog, config: PipelineConfig) -> Prepared:
+def prepare(
+    catalogue: Catalogue,
+    log: EngagementLog,
+    config: PipelineConfig,
+    item_space: ItemSpace | None = None,
+) -> Prepared:
+    """Split, pre-train (or take ``item_space`` as it is) and build the feature tables."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
     train_mask, test_mask = temporal_split(log, config.test_fraction)
@@ -106,8 +142,16 @@ def prepare(catalogue: Catalogue, log: EngagementLog, config: PipelineConfig) ->
     history, fit = train.select(hist_mask), train.select(fit_mask)
     timings["split"] = time.perf_counter() - t
     t = time.perf_counter()
-    item_vec = train_item_vectors(history, catalogue, config.vec_dim, config.mf_epochs, config.seed)
-    centroids = fit_clusters(history, catalogue, item_vec, config.n_clusters, seed=config.seed)
+    if item_space is None:
+        item_vec = train_item_vectors(
+            history, catalogue, config.vec_dim, config.mf_epochs, config.seed
+        )
+        centroids = fit_clusters(history, catalogue, item_vec, config.n_clusters, seed=config.seed)
+    else:
+        item_vec, centroids = item_space.item_vec, item_space.centroids
+        config = dataclasses.replace(
+            config, vec_dim=int(item_vec.shape[1]), n_clusters=int(centroids.shape[0])
+        )
     timings["pretrain"] = time.perf_counter() - t
     t = time.perf_counter()
     text = TextIndex.build(catalogue)

@@ -23,6 +23,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from model_export.event_source import (  # noqa: E402  (after the pyarrow check)
     EventJoinReport,
+    catalogue_from,
     load_events,
     stable_impression_ids,
 )
@@ -467,3 +468,44 @@ def test_reads_what_the_service_file_sink_writes(tmp_path: Path) -> None:
         ("entity", "v5", 0), ("prequery", "v1", 0), ("prequery", "v2", 0),
         ("search", "v1", 1), ("search", "v4", 0),
     ]  # fmt: skip
+
+
+@pytest.mark.slow  # trains a model (about 7 s on 2 cores)
+def test_cli_build_bundle_warm_start_carries_the_item_space_over(
+    fast_bundle: Path, tmp_path: Path
+) -> None:
+    """``--warm-start``: the new bundle has the earlier bundle's item vectors, clusters and
+    neighbours (nothing pre-trained from the log), names the bundle it started from, and
+    still learns its counts and its model from the events."""
+    pytest.importorskip("torch", reason="building a bundle needs the train extra (torch)")
+    from app.core.bundle import TABLES_FILE, load_bundle, read_manifest
+    from app.core.feature_tables import FeatureTables
+
+    events = tmp_path / "events"
+    world_events(events)
+    out = tmp_path / "bundles" / "warm"
+    argv = ["build-bundle", "--source", "events", "--path", str(events), "--quick"]
+    argv += ["--catalogue-from", str(fast_bundle), "--out", str(out)]
+    assert main([*argv, "--warm-start", str(fast_bundle)]) == 0
+    prior, new = (FeatureTables.load(b / TABLES_FILE) for b in (fast_bundle, out))
+    assert np.array_equal(new.item_vec, prior.item_vec)
+    assert np.array_equal(new.centroids, prior.centroids)
+    assert np.array_equal(new.item_neighbours, prior.item_neighbours)
+    assert not np.array_equal(new.entity_pos, prior.entity_pos)  # counts are the events'
+    bundle = load_bundle(out)
+    assert bundle.manifest["warm_start"] == read_manifest(fast_bundle)["model_version"]
+    assert bundle.manifest["vocab"]["vec_dim"] == prior.vec_dim
+    assert bundle.manifest["vocab"]["n_clusters"] == prior.n_clusters + 1
+
+
+def test_warm_start_needs_the_same_catalogue(fast_bundle: Path) -> None:
+    from handmade_bundle import WORLD
+
+    from model_export.synthetic import WorldConfig, generate_world
+    from model_export.training_pipeline import ItemSpace
+
+    same = ItemSpace.of_bundle(fast_bundle, catalogue_from(fast_bundle))
+    assert same.item_vec.shape[0] == len(catalogue_from(fast_bundle))
+    other = generate_world(WorldConfig(**{**WORLD.__dict__, "n_videos": WORLD.n_videos - 5}))[0]
+    with pytest.raises(ValueError, match="same entities in the same order"):
+        ItemSpace.of_bundle(fast_bundle, other)
