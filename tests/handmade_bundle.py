@@ -69,6 +69,9 @@ TASK_BIAS = (0.0, 0.1, 0.2, 0.3)  # in app.core.features.TASK_IDS order
 BIAS = -3.0
 
 
+DENSE_MEAN = np.linspace(0.05, 0.5, len(DENSE_FEATURES), dtype=np.float32)
+
+
 def dense_weights() -> np.ndarray:
     weights = np.zeros(len(DENSE_FEATURES), dtype=np.float32)
     for name, weight in WEIGHTS.items():
@@ -145,5 +148,8 @@ def build_handmade_bundle(out: Path, world: WorldConfig = WORLD) -> Path:
             "task_bias": dict(zip(TASKS, TASK_BIAS, strict=True)),
             "bias": BIAS,
         },
+        # training constants of the dense features (what ``"explain": true`` occludes
+        # with); the handmade graph itself reads dense unnormalised
+        "normalisation": {"mean": DENSE_MEAN.tolist(), "std": [2.0] * len(DENSE_FEATURES)},
     }
     return write_bundle(out, catalogue, tables, TextIndex.build(catalogue), manifest)

@@ -98,6 +98,17 @@ DENSE_FEATURES: tuple[str, ...] = (
 )
 # The columns of ``dense``, by name: ``dense[:, COL["bm25"]]``. Never index by number.
 COL: dict[str, int] = {name: i for i, name in enumerate(DENSE_FEATURES)}
+# The dense features by what they describe, each feature in exactly one group: the units
+# that ``"explain": true`` on /rank occludes (app.core.explain).
+FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
+    "query": CONTEXT_DENSE,
+    "text_match": DENSE_FEATURES[len(CONTEXT_DENSE) : COL["query_target_pos_share"]],
+    "query_engagement": ("query_target_pos_share", "query_target_ctr"),
+    "source": ("co_engagement_lift", "co_engagement_share", "linked_to_source",
+               "source_similarity"),
+    "popularity": ("country_pop_log", "global_pop_log", "global_ctr"),
+    "personal": ("cluster_pop_log", "cluster_share", "user_item_dot", "user_genre_affinity"),
+}  # fmt: skip
 _CONTEXT_COLS = np.array([COL[name] for name in CONTEXT_DENSE])
 
 # Inputs with one row per request context (batch 1 at serving time, broadcast by the

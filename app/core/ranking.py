@@ -9,12 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from app.core.bundle import Bundle
 from app.core.context import Context, Personalization, Task, impute_context
 from app.core.errors import InvalidRequest, NotFound
+from app.core.explain import Occlusion
 from app.core.features import CAT_COL, COL, TASK_IDS, ContextFeatures
 from app.core.text_index import TRIGRAM_MATCH
 
@@ -60,6 +62,7 @@ class RankQuery:
     candidates: tuple[str, ...] | None = None
     k: int = 20
     personalization: Personalization = Personalization.CLUSTER
+    explain: bool = False  # per item: inputs, attribution, retrieval source (app.core.explain)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class RankResult:
     unknown_candidates: list[str]
     n_candidates: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    explanation: list[dict[str, Any]] | None = None  # per item, when the query asked
 
 
 @dataclass
@@ -100,6 +104,7 @@ class Ranker:
             raise ValueError(f"max_retrieved must be >= 1, got {max_retrieved}")
         self.bundle = bundle
         self.max_retrieved = max_retrieved
+        self._occlusion: Occlusion | None = None
 
     @property
     def model_version(self) -> str:
@@ -177,7 +182,32 @@ class Ranker:
             unknown_candidates=prepared.unknown_candidates,
             n_candidates=len(cand),
             timings=prepared.timings,
+            explanation=self.explain(prepared, top, scores, key) if q.explain else None,
         )
+
+    def explain(
+        self, prepared: PreparedRequest, rows: np.ndarray, scores: np.ndarray, key: np.ndarray
+    ) -> list[dict[str, Any]]:
+        """The explanation of the answer's items (``rows`` of the candidates, in order),
+        with one more batched model call for the occluded rows (``app.core.explain``).
+        ``tier``: the search-box tier that orders search answers before the score
+        (``ranking_key``); 0 for the other tasks."""
+        if self._occlusion is None:
+            norm = self.bundle.manifest.get("normalisation") or {}
+            self._occlusion = Occlusion(norm.get("mean"), norm.get("std"))
+        occ, cand = self._occlusion, prepared.candidates
+        if not len(rows):
+            return []
+        occluded = self.bundle.scorer.score(occ.feeds(prepared.inputs, rows))
+        if prepared.query.candidates is not None:
+            sources = ["given"] * len(rows)
+        else:
+            sources = self.bundle.retriever.sources(prepared.context_features, cand[rows])
+        out = occ.explain(prepared.inputs, rows, scores[rows], occluded, sources)
+        tiers = np.rint((key[rows] - scores[rows].astype(np.float64)) / 2.0).astype(int)
+        for item, tier in zip(out, tiers.tolist(), strict=True):
+            item["tier"] = tier
+        return out
 
     def rank(self, q: RankQuery, scorer: Scorer | None = None) -> RankResult:
         """The whole path in the calling thread (``scorer`` defaults to the bundle's)."""

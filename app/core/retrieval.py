@@ -108,6 +108,35 @@ class CandidateRetriever:
             ids, score = self._prequery(cf, limit)
         return self._top(ids, score, limit, cf)
 
+    def sources(self, cf: ContextFeatures, cand: np.ndarray) -> list[str]:
+        """Where each retrieved candidate came from, by the rules of ``retrieve`` (for
+        ``"explain": true``): the task's first stage, or ``popular_in_country`` for the
+        top-up. search: ``name_token`` (a query token is a name token, the last one as a
+        prefix), else ``typo`` (within the typo budget), else ``trigram``;
+        more_like_this: ``co_engagement``, else ``similar`` (a stored neighbour); entity:
+        ``linked``, else ``co_engagement``; prequery: ``prequery`` (the personalised
+        popularity list)."""
+        labels = np.full(len(cand), "popular_in_country", dtype=object)
+        task = cf.context.task
+        if task is Task.SEARCH:
+            exact = np.zeros(len(cand), dtype=bool)
+            near = np.zeros(len(cand), dtype=bool)
+            for mark, post in zip(cf.token_marks, cf.fuzzy_postings, strict=True):
+                exact |= mark[cand]
+                near |= np.isin(cand, post)
+            labels[cf.containment(cand) >= TRIGRAM_MATCH] = "trigram"
+            labels[near] = "typo"
+            labels[exact] = "name_token"
+        elif task is Task.MORE_LIKE_THIS:
+            labels[np.isin(cand, self.neighbours[cf.source_index])] = "similar"
+            labels[np.isin(cand, self.tables.co_engaged(cf.source_index)[0])] = "co_engagement"
+        elif task is Task.ENTITY:
+            labels[np.isin(cand, self.tables.co_engaged(cf.source_index)[0])] = "co_engagement"
+            labels[np.isin(cand, self.catalogue.linked(cf.source_index))] = "linked"
+        else:
+            labels[:] = "prequery"
+        return [str(x) for x in labels]
+
     def _top(
         self, ids: np.ndarray, score: np.ndarray, limit: int, cf: ContextFeatures
     ) -> np.ndarray:

@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 
 from app.core.errors import Forbidden, NotFound, Unauthorized, UnsupportedMediaType
 from app.http.access_log import access_record, describe_rank, new_request_id
-from app.http.deps import ServedDep, served_or_none
+from app.http.deps import Served, ServedDep, served_or_none
 from app.http.protocol import ARRIVAL_KEY
 from app.http.sampling import sample_catalogue
 from app.http.schemas import (
@@ -101,6 +101,7 @@ def rank_body(outcome: RankOutcome, request_id: str) -> bytes:
             "context": outcome.context.as_dict(),
             "unknown_candidates": outcome.unknown_candidates,
         }
+        | ({} if outcome.explanation is None else {"explain": outcome.explanation})
     )
 
 
@@ -120,6 +121,8 @@ async def rank(request: Request, served: ServedDep) -> JsonResponse:
     started = time.perf_counter()
     require_json(request.headers.get("content-type"))
     req = parse_rank_request(await request.body(), served.limits)
+    if req.explain:
+        await allow_explain(request, served)
     model = served.models.current()
     record = access_record(request.scope)
     if record is not None:
@@ -248,6 +251,16 @@ async def require_admin(request: Request, served: ServedDep) -> None:
 
 
 AdminDep = Annotated[None, Depends(require_admin)]
+
+
+async def allow_explain(request: Request, served: Served) -> None:
+    """``"explain": true`` as the ``explain`` setting allows: on, admin token, or off."""
+    mode = served.settings.explain
+    if mode == "off":
+        raise Forbidden("explain is turned off on this service (UNICORN_EXPLAIN=off)",
+                        field="explain")  # fmt: skip
+    if mode == "admin":
+        await require_admin(request, served)
 
 
 @admin_router.post(

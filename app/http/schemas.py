@@ -109,6 +109,13 @@ class RankRequest(BaseModel):
         default=Personalization.CLUSTER,
         description="none | cluster (shared, cached) | full (per user, not cached).",
     )
+    explain: bool = Field(
+        default=False,
+        strict=True,
+        description="true: the answer's `explain` says per item why it is where it is "
+        "(model inputs, attribution per feature group, retrieval source). Never cached; "
+        "one more model call. Allowed by the `explain` setting.",
+    )
 
     @field_validator("query")
     @classmethod
@@ -136,6 +143,7 @@ class RankRequest(BaseModel):
             candidates=None if self.candidates is None else tuple(self.candidates),
             k=self.k,
             personalization=self.personalization,
+            explain=self.explain,
         )
 
 
@@ -257,6 +265,35 @@ class ContextOut(BaseModel):
     query_imputed: bool
 
 
+class FeatureValue(BaseModel):
+    value: float = Field(description="What the model was fed (after imputation).")
+    normalised: float = Field(
+        description="(value - training mean) / training std, clamped "
+        "to +-10: what the model's first layer reads."
+    )
+
+
+class ItemExplanation(BaseModel):
+    """Why one item of the answer is where it is (docs/API.md, "Explain")."""
+
+    retrieval: str = Field(
+        description="Where the candidate came from: name_token, typo, trigram (search), "
+        "co_engagement, similar (more_like_this), linked (entity), prequery, "
+        "popular_in_country (the top-up), given (the request's candidates)."
+    )
+    score: float = Field(description="The item's score, as in `items`.")
+    tier: int = Field(
+        description="Search-box tier ordered before the score: 3 exact title, 2 every query "
+        "token, 1 some match, 0 none; 0 for the other tasks."
+    )
+    attribution: dict[str, float] = Field(
+        description="Per feature group: score - the score with that group's features at "
+        "their training mean (occlusion)."
+    )
+    all_at_mean: float = Field(description="The score with every dense feature at its mean.")
+    inputs: dict[str, FeatureValue] = Field(description="The named dense inputs.")
+
+
 class RankResponse(BaseModel):
     request_id: str = Field(
         description="This answer's id (also the X-Request-ID header); engagements with its "
@@ -269,6 +306,9 @@ class RankResponse(BaseModel):
     cache: CacheOutcome
     context: ContextOut
     unknown_candidates: list[str]
+    explain: list[ItemExplanation] | None = Field(
+        default=None, description='With `"explain": true`: one entry per item, in order.'
+    )
 
 
 class ErrorBody(BaseModel):

@@ -20,6 +20,7 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 MIN_ADMIN_TOKEN_CHARS = 16
 CacheBackend = Literal["memory", "redis", "off"]
 EventLoop = Literal["asyncio", "uvloop"]
+ExplainMode = Literal["on", "admin", "off"]
 INLINE_SLOTS = 4  # default max_in_flight; BATCHING_SLOTS when batch_window_ms > 0
 BATCHING_SLOTS = 64
 
@@ -179,6 +180,11 @@ class Settings(BaseSettings):
         description=f"Bearer token for /admin/*; unset = admin endpoints disabled (404). At "
         f"least {MIN_ADMIN_TOKEN_CHARS} characters.",
     )
+    explain: ExplainMode = Field(
+        default="on",
+        description='`"explain": true` on /rank: on (anyone), admin (the admin token\'s '
+        "Bearer header; needs admin_token), off (403).",
+    )
     reload_root: Path | None = Field(
         default=None,
         description="Directory a bundle named by POST /admin/reload must lie in (symlinks "
@@ -283,6 +289,12 @@ class Settings(BaseSettings):
             raise ValueError("set events_dir or events_redis_url, not both")
         if self.events_redis_url and not self.events_redis_url.startswith(REDIS_SCHEMES):
             raise ValueError(f"events_redis_url must start with one of {REDIS_SCHEMES}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_explain_has_a_token(self) -> Settings:
+        if self.explain == "admin" and self.admin_token is None:
+            raise ValueError("explain=admin needs admin_token (UNICORN_ADMIN_TOKEN)")
         return self
 
     @model_validator(mode="after")

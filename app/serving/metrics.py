@@ -94,7 +94,7 @@ class ServiceMetrics:
         self.cache_requests = Counter(
             "unicorn_cache_requests_total",
             "Ranking requests by cache outcome: hit, miss, bypass (full personalization, "
-            "cache off or degraded).",
+            "explain, cache off or degraded).",
             ["outcome"],
             registry=r,
         )

@@ -5,7 +5,8 @@
       miss/bypass: admission -> retrieve + features -> score -> top-k -> cache set (miss)
 
 The model version is part of the cache key, so a new model never serves the old model's
-entries. ``full`` personalization is never cached (its answers are per member).
+entries. ``full`` personalization is never cached (its answers are per member), nor is an
+explained answer (``explain``: it is neither read from nor written to the cache).
 
 Inference runs inline on the event loop when micro-batching is off, or through
 ``app.serving.batching`` when it is on; docs/BENCHMARKS.md measures both. Admission
@@ -54,6 +55,7 @@ class RankOutcome:
     cache: CacheOutcome
     unknown_candidates: list[str]
     n_candidates: int | None  # None on a cache hit (nothing was retrieved)
+    explanation: list[dict[str, Any]] | None = None  # per item, for ``explain``
 
 
 def open_cache(settings: Settings, metrics: ServiceMetrics | None) -> ClusterCache | None:
@@ -125,7 +127,7 @@ class RankingPipeline:
 
         key: str | None = None
         read: CacheRead = BYPASS
-        if self.cache is not None and level is not Personalization.FULL:
+        if self.cache is not None and level is not Personalization.FULL and not q.explain:
             key = cache_key(
                 CacheKeyParts(
                     model_version=model.model_version,
@@ -148,8 +150,10 @@ class RankingPipeline:
         if read.outcome == "hit" and items is None:
             read = MISS
         n_candidates: int | None = None
+        explanation = None
         if items is None:
             result = await self._score(model, q, ctx, arrived)
+            explanation = result.explanation
             items = [
                 {
                     "entity_id": i.entity_id,
@@ -176,8 +180,9 @@ class RankingPipeline:
             time.perf_counter() - started
         )
         return RankOutcome(
-            items, ctx, model.model_version, level, read.outcome, unknown, n_candidates
-        )
+            items, ctx, model.model_version, level, read.outcome, unknown, n_candidates,
+            explanation,
+        )  # fmt: skip
 
     def _decode(self, value: bytes | None) -> list[dict[str, Any]] | None:
         """Cached items, or ``None`` (counted as a cache error) when the entry is unusable."""
