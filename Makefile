@@ -3,6 +3,7 @@
 #   make test   set up (virtualenv + redis-server/prometheus via apt), lint, type-check, test
 #   make test-fast  the fast lane: pytest -m 'not slow', no training (under 30 s)
 #   make bench  the latency benchmark (docs/BENCHMARKS.md)
+#   make loop   the closed feedback loop: serve, simulate members, retrain from the events, compare
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-10)
 BUNDLE ?= bundles/demo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv system-deps run serve bundle test test-fast lint bench evaluate lock audit faults soak clean
+.PHONY: venv system-deps run serve bundle test test-fast lint bench evaluate loop lock audit faults soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -87,6 +88,14 @@ soak: system-deps bundle
 evaluate: venv
 	$(BIN)/unicorn evaluate --source synthetic --seeds 7 8 9
 	$(BIN)/unicorn evaluate --source movielens --path ../shared/datasets/ml-latest-small --seeds 7 8 9
+
+# The closed feedback loop (docs/EVALUATION.md, "The closed loop"): serve $(BUNDLE) with events
+# on, simulated members of its synthetic world engage over HTTP, a bundle is built from the
+# events (under data/loop) and both are compared on fresh sessions; rewrites the loop block.
+# A quick look: LOOP_ARGS='--seeds 1 --log-sessions 500' (restore the block from git after).
+loop: venv bundle
+	LOOP_COMMAND="make loop$(if $(LOOP_ARGS), LOOP_ARGS='$(LOOP_ARGS)')" \
+	  $(BIN)/python -m loadtest.loop --bundle $(BUNDLE) --write docs/EVALUATION.md $(LOOP_ARGS)
 
 clean:
 	rm -rf $(VENV) bundles data .pytest_cache .mypy_cache .ruff_cache
