@@ -69,7 +69,7 @@ bench: venv system-deps
 lock: venv
 	$(BIN)/pip install -q 'pip-tools>=7.4'
 	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe \
-	  --strip-extras --no-emit-index-url --index-url https://pypi.org/simple -o requirements.lock pyproject.toml
+	  --strip-extras --no-emit-index-url --no-emit-find-links --index-url https://pypi.org/simple -o requirements.lock pyproject.toml
 
 audit: venv
 	$(BIN)/pip-audit -r requirements.lock --require-hashes --disable-pip --strict --progress-spinner off

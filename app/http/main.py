@@ -20,6 +20,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
 
 from app.core.errors import BundleError
 from app.http.access_log import AccessLogMiddleware
@@ -83,6 +86,9 @@ async def _close(served: Served) -> None:
     ServiceMetrics.mark_process_dead(os.getpid())
 
 
+DOCS_ASSETS = "/docs/assets"  # Swagger UI's JS, CSS and icon, for /docs
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The ranking app for ``settings`` (default: from the environment)."""
     settings = settings or Settings()
@@ -121,19 +127,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             door.log_summary()  # the refusals of a window cut short
             await _close(served)
 
-    app = FastAPI(
+    # FastAPIOffline: a FastAPI whose /docs loads Swagger UI from the package, not a CDN
+    app = FastAPIOffline(
         title="UniCoRn ranking service",
         version=API_VERSION,
         summary="One deep model ranks search and recommendations (Netflix UniCoRn, RecSys 2024).",
         lifespan=lifespan,
         docs_url="/docs",
         redoc_url=None,
+        static_url=DOCS_ASSETS,
     )
     app.state.settings = settings
     app.state.served = None  # set by the lifespan once the model is loaded
     app.include_router(api_router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.gzip_min_bytes:  # inside CORS and the access log: they see the final answer
+        app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes, compresslevel=6)
+    if settings.cors_origin_list:  # a preflight is answered here, before any route
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+            allow_headers=["content-type", "authorization", "x-request-id"],
+            expose_headers=["x-request-id", "retry-after"],
+            max_age=600,
+        )
     app.add_middleware(AccessLogMiddleware, metrics=metrics, known_paths=ROUTE_PATHS)
     app.add_middleware(DoorMiddleware, door=door)
     return app

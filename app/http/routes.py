@@ -8,6 +8,7 @@ Routes: ``POST /rank``, ``POST /events``, ``GET /healthz``, ``GET /readyz``,
 
 from __future__ import annotations
 
+import gzip
 import hmac
 import time
 from pathlib import Path
@@ -225,13 +226,18 @@ async def readyz(request: Request) -> JsonResponse:
 
 # --- metrics ------------------------------------------------------------------------------
 metrics_router = APIRouter(tags=["metrics"])
+METRICS_GZIP_LEVEL = 6
 
 
 @metrics_router.get("/metrics", response_class=Response)
-async def metrics(served: ServedDep) -> Response:
-    """Prometheus exposition of the service metrics (all workers when multiprocess)."""
+async def metrics(request: Request, served: ServedDep) -> Response:
+    """Prometheus exposition of the service metrics (all workers when multiprocess),
+    gzipped when the scraper accepts it (Prometheus does: ~18x smaller)."""
     body, content_type = served.metrics.render()
-    return Response(body, media_type=content_type)
+    headers = {"vary": "accept-encoding"}
+    if "gzip" in request.headers.get("accept-encoding", "").lower():
+        body, headers["content-encoding"] = gzip.compress(body, METRICS_GZIP_LEVEL), "gzip"
+    return Response(body, media_type=content_type, headers=headers)
 
 
 # --- admin --------------------------------------------------------------------------------

@@ -47,9 +47,9 @@ SERVE_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--host", "host", str, "interface to bind"),
     ("--port", "port", int, "TCP port"),
     ("--workers", "workers", int, "uvicorn worker processes"),
-    ("--redis-url", "redis_url", str, "shared Redis cache (default: in-process cache)"),
+    ("--redis-url", "redis_url", str, "shared Redis cache; unset = the in-process cache"),
     ("--log-level", "log_level", str, "CRITICAL | ERROR | WARNING | INFO | DEBUG"),
-    ("--event-loop", "event_loop", str, "asyncio (default) | uvloop"),
+    ("--event-loop", "event_loop", str, "asyncio | uvloop"),
     ("--batch-window-ms", "batch_window_ms", float, "micro-batching window, 0 = off"),
     ("--max-in-flight", "max_in_flight", int, "requests in the scoring section at once"),
     ("--queue-timeout-ms", "queue_timeout_ms", float, "wait for a scoring slot, then 503"),
@@ -60,6 +60,9 @@ SERVE_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--header-timeout-s", "header_timeout_s", float, "read deadline of a request's head"),
     ("--body-timeout-s", "body_timeout_s", float, "read deadline of a body, after the head"),
     ("--max-connections", "max_connections", int, "open connections per worker, then 503"),
+    ("--cors-origins", "cors_origins", str, "browser origins allowed (CORS), comma-separated"),
+    ("--gzip-min-bytes", "gzip_min_bytes", int, "compress answers this large, 0 = never"),
+    ("--explain", "explain", str, "explain on /rank: on | admin | off"),
 )
 # Descriptors a serving process needs besides its connections: the bundle files, the
 # Redis pool, metrics files, logs, the event loop's own (256), and the connections asyncio
@@ -68,16 +71,27 @@ SERVE_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
 FD_RESERVE = 256 + 2048
 
 
+def option_help(field: str, text: str) -> str:
+    """``text`` with the setting's default and its environment variable, as ``--help``
+    shows them (the default is Settings' own, so the two never disagree)."""
+    default = Settings.model_fields[field].default
+    if field == "cache_enabled":  # the --no-cache flag
+        return f"{text} (default: the cache is on; env UNICORN_CACHE_ENABLED=false)"
+    shown = "unset" if default in (None, "") else str(default)
+    return f"{text} (default: {shown}; env UNICORN_{field.upper()})"
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``serve`` options to ``parser`` (defaults: environment, then Settings)."""
     for flag, field, kind, help_text in SERVE_OPTIONS:
+        text = option_help(field, help_text)
         if kind is bool:
             value = field != "cache_enabled"  # --no-cache stores False into cache_enabled
             parser.add_argument(
-                flag, dest=field, action="store_const", const=value, default=None, help=help_text
+                flag, dest=field, action="store_const", const=value, default=None, help=text
             )
         else:
-            parser.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+            parser.add_argument(flag, dest=field, type=kind, default=None, help=text)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

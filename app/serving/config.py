@@ -180,6 +180,18 @@ class Settings(BaseSettings):
         description=f"Bearer token for /admin/*; unset = admin endpoints disabled (404). At "
         f"least {MIN_ADMIN_TOKEN_CHARS} characters.",
     )
+    cors_origins: str = Field(
+        default="",
+        description="Origins whose browser pages may call the API (CORS), comma-separated, "
+        "e.g. https://app.example.com; * = any origin; empty = CORS off (no CORS headers).",
+    )
+    gzip_min_bytes: int = Field(
+        default=0,
+        ge=0,
+        le=1 << 30,
+        description="Gzip answers of at least this many bytes when the client accepts it "
+        "(e.g. 4096: explain answers, large k); 0 = off. /metrics is gzipped whenever asked.",
+    )
     explain: ExplainMode = Field(
         default="on",
         description='`"explain": true` on /rank: on (anyone), admin (the admin token\'s '
@@ -290,6 +302,23 @@ class Settings(BaseSettings):
         if self.events_redis_url and not self.events_redis_url.startswith(REDIS_SCHEMES):
             raise ValueError(f"events_redis_url must start with one of {REDIS_SCHEMES}")
         return self
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_cors_origins(cls, value: str) -> str:
+        for origin in filter(None, (o.strip() for o in value.split(","))):
+            if origin != "*" and (
+                not origin.startswith(("http://", "https://")) or origin.rstrip("/") != origin
+            ):
+                raise ValueError(
+                    f"cors_origins: {origin!r} must be * or scheme://host[:port] without a "
+                    "path or trailing slash (as a browser sends Origin)"
+                )
+        return value
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @model_validator(mode="after")
     def _check_explain_has_a_token(self) -> Settings:
