@@ -377,6 +377,13 @@ def run_http_options(runner: HttpRunner, bundle: str) -> None:
     # One JSON access-log line per request (INFO, the default) against none (WARNING).
     for level in ("INFO", "WARNING"):
         measure("log_level", level, 1, "hit", (1, 32), log_level=level)
+    # Browser-ready HTTP off (the default) and on, on hits, where a fixed cost shows most:
+    # wrk sends Origin and Accept-Encoding: gzip (loadtest/rank.lua); a 20-item answer
+    # (~2.2 KB) stays under the gzip threshold, so the cell is the layer's own cost.
+    for value, extra in (("off", {}), ("on", {"cors_origins": "https://app.example.com"})):
+        measure("cors", value, 1, "hit", (1, 32), **extra)
+    for size in (0, 4096):
+        measure("gzip_min_bytes", size, 1, "hit", (1, 32), gzip_min_bytes=size)
     # The feedback loop's impression per answer (Parquet files) against events off.
     for case, events in itertools.product(("hit", "miss"), ("off", "on")):
         sink = {"events_dir": str(runner.workdir / f"events-{case}")} if events == "on" else {}

@@ -9,7 +9,13 @@ function init(args)
   local path = args[1]
   local file = assert(io.open(path, "r"))
   requests = {}
-  local headers = { ["Content-Type"] = "application/json" }
+  -- What a browser page sends besides the body: an Origin and gzip accepted. They change
+  -- nothing unless CORS or gzip is on (the "cors" and "gzip_min_bytes" option cells).
+  local headers = {
+    ["Content-Type"] = "application/json",
+    ["Accept-Encoding"] = "gzip",
+    ["Origin"] = "https://app.example.com",
+  }
   for line in file:lines() do
     if #line > 0 then
       requests[#requests + 1] = wrk.format("POST", nil, headers, line)

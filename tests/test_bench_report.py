@@ -10,6 +10,7 @@ from loadtest.bench_report import (
     Results,
     section_curves,
     target_catalogue,
+    target_off_state,
     target_redis_hits,
     target_workers,
 )
@@ -75,3 +76,19 @@ def test_catalogue_target_compares_the_largest_with_the_smallest(
     (got,) = target_catalogue(res)
     assert got[2] == status and f"worst {big_p99:.2f}x (search)" in str(got[1])
     assert "demo (2276 entities)" in section_curves(res, 1)
+
+
+def test_off_state_rows_compare_each_option_on_with_its_default() -> None:
+    def cell(option: str, value: object, conc: int, rps: float) -> HttpRow:
+        r = row("memory", 1, "hit", conc, 1.0, rps)
+        return HttpRow(**{**r.__dict__, "extra": {"option": option, "value": value}})
+
+    http = [
+        cell("cors", "off", 1, 1000.0),
+        cell("cors", "on", 1, 900.0),
+        cell("gzip_min_bytes", 0, 1, 1000.0),
+        cell("gzip_min_bytes", 4096, 1, 950.0),
+    ]
+    cors, gzip = target_off_state(results(http=http))
+    assert "CORS" in str(cors[0]) and "goodput 0.90x" in str(cors[1])
+    assert "gzip" in str(gzip[0]) and "goodput 0.95x" in str(gzip[1])
