@@ -18,6 +18,7 @@ import orjson
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from app.core.errors import Forbidden, NotFound, Unauthorized, UnsupportedMediaType
 from app.http.access_log import access_record, describe_rank, new_request_id
@@ -67,13 +68,27 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 ranking_router = APIRouter(tags=["ranking"])
 
 
-# The body is parsed by ``parse_rank_request``, not by FastAPI, so its schema is given here;
-# the enums it refers to (Task, Personalization) are components through ``RankResponse``.
-RANK_REQUEST_SCHEMA = {
-    k: v
-    for k, v in RankRequest.model_json_schema(ref_template="#/components/schemas/{model}").items()
-    if k != "$defs"
-}
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI body schema of ``model``, for a route that parses its own body
+    (``parse_body``, not FastAPI): pydantic's JSON schema with its ``$defs`` written in
+    place of their references, so it refers to no component."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return dict(resolve(schema))
+
+
+RANK_REQUEST_SCHEMA = body_schema(RankRequest)
 
 
 def require_json(content_type: str | None) -> None:
@@ -151,25 +166,7 @@ async def rank(request: Request, served: ServedDep) -> JsonResponse:
 events_router = APIRouter(tags=["events"])
 
 
-def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
-    """A pydantic JSON schema with its ``$defs`` written in place of their references
-    (the body schema of a route whose models are not OpenAPI components)."""
-    defs = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref", "")
-            if ref.startswith("#/$defs/"):
-                return resolve(defs[ref.removeprefix("#/$defs/")])
-            return {k: resolve(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [resolve(v) for v in node]
-        return node
-
-    return dict(resolve(schema))
-
-
-EVENTS_REQUEST_SCHEMA = _inlined(EventsRequest.model_json_schema())
+EVENTS_REQUEST_SCHEMA = body_schema(EventsRequest)
 
 
 @events_router.post(
