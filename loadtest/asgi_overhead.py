@@ -2,7 +2,7 @@
 directly over ASGI, the default app and the app with the layer on alternating in rounds,
 so both see the same machine (docs/BENCHMARKS.md, "Settings chosen by measurement").
 
-    .venv/bin/python -m loadtest.asgi_overhead                   # CORS and the gzip layer
+    .venv/bin/python -m loadtest.asgi_overhead                   # CORS, gzip, tracing
     .venv/bin/python -m loadtest.asgi_overhead --rounds 40 --calls 500
 
 The request is what a browser page sends: a search with ``Origin`` and ``Accept-Encoding:
@@ -30,6 +30,9 @@ LAYERS: dict[str, dict[str, Any]] = {
     "default (CORS off, gzip off)": {},
     "CORS on": {"cors_origins": ORIGIN},
     "gzip layer on (4096)": {"gzip_min_bytes": 4096},
+    # every request traced (ratio 1); the collector is a closed port, so the export thread
+    # fails in the background and the spans are dropped: the request path's cost alone
+    "tracing on": {"otlp_endpoint": "http://127.0.0.1:9/v1/traces"},
 }
 
 

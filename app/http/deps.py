@@ -16,6 +16,7 @@ from app.serving.feedback import Feedback
 from app.serving.metrics import ServiceMetrics
 from app.serving.model_holder import ModelHolder
 from app.serving.pipeline import RankingPipeline
+from app.serving.tracing import Tracing
 
 
 @dataclass
@@ -30,12 +31,17 @@ class Served:
     limits: RankLimits = field(init=False)
     user_key: bytes = field(init=False)  # keys the user-id hash of the access log and events
     feedback: Feedback | None = field(init=False)  # None: events off (no sink configured)
+    tracing: Tracing | None = field(init=False)  # None: tracing off (no OTLP endpoint)
 
     def __post_init__(self) -> None:
         self.limits = RankLimits(self.settings.max_query_chars, self.settings.max_candidates)
         salt = self.settings.log_user_salt
         self.user_key = salt.get_secret_value().encode() if salt else os.urandom(16)
         self.feedback = Feedback.from_settings(self.settings, self.metrics, self.user_key)
+        endpoint = self.settings.otlp_endpoint
+        self.tracing = (
+            None if endpoint is None else Tracing(endpoint, self.settings.trace_sample_ratio)
+        )
 
 
 def served_or_none(request: Request) -> Served | None:

@@ -83,6 +83,8 @@ async def _close(served: Served) -> None:
     await served.pipeline.close()
     if served.feedback is not None:
         await served.feedback.close()  # what is queued is written
+    if served.tracing is not None:
+        await asyncio.to_thread(served.tracing.close)  # the spans queued are exported
     ServiceMetrics.mark_process_dead(os.getpid())
 
 

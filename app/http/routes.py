@@ -137,6 +137,7 @@ async def rank(request: Request, served: ServedDep) -> JsonResponse:
     started = time.perf_counter()
     require_json(request.headers.get("content-type"))
     req = parse_rank_request(await request.body(), served.limits)
+    parsed = time.perf_counter()
     if req.explain:
         await allow_explain(request, served)
     model = served.models.current()
@@ -159,7 +160,16 @@ async def rank(request: Request, served: ServedDep) -> JsonResponse:
         record.n_candidates = outcome.n_candidates
     if served.feedback is not None:
         served.feedback.impression(request_id, outcome)
-    return JsonResponse(rank_body(outcome, request_id))
+    response = JsonResponse(rank_body(outcome, request_id))
+    if served.tracing is not None:
+        served.tracing.record(
+            request.headers, "POST /rank", started, time.perf_counter(),
+            [("parse", started, parsed), *outcome.stages],
+            {"unicorn.task": outcome.context.task.value, "unicorn.cache": outcome.cache,
+             "unicorn.model_version": outcome.model_version, "unicorn.request_id": request_id,
+             "unicorn.candidates": outcome.n_candidates or 0},
+        )  # fmt: skip
+    return response
 
 
 # --- feedback events ----------------------------------------------------------------------

@@ -192,6 +192,18 @@ class Settings(BaseSettings):
         description="Gzip answers of at least this many bytes when the client accepts it "
         "(e.g. 4096: explain answers, large k); 0 = off. /metrics is gzipped whenever asked.",
     )
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces): a span "
+        "per /rank request and per stage, W3C traceparent honoured; unset = tracing off.",
+    )
+    trace_sample_ratio: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of the traces that start here that are recorded (a caller's "
+        "sampled traceparent is always followed).",
+    )
     explain: ExplainMode = Field(
         default="on",
         description='`"explain": true` on /rank: on (anyone), admin (the admin token\'s '

@@ -17,7 +17,7 @@ a refusal is ``Overloaded`` (503 + ``Retry-After``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,8 @@ class RankOutcome:
     unknown_candidates: list[str]
     n_candidates: int | None  # None on a cache hit (nothing was retrieved)
     explanation: list[dict[str, Any]] | None = None  # per item, for ``explain``
+    # (stage, start, end) in perf_counter seconds, in order: what tracing turns into spans
+    stages: list[tuple[str, float, float]] = field(default_factory=list)
 
 
 def open_cache(settings: Settings, metrics: ServiceMetrics | None) -> ClusterCache | None:
@@ -123,7 +125,9 @@ class RankingPipeline:
         model = model or self.models.current()
         ranker = model.ranker
         level = q.personalization
+        t_impute = time.perf_counter()
         ctx = ranker.context(q)
+        stages = [("impute", t_impute, time.perf_counter())]
 
         key: str | None = None
         read: CacheRead = BYPASS
@@ -144,7 +148,9 @@ class RankingPipeline:
             )
             t0 = time.perf_counter()
             read = await self.cache.get(key)
-            self.metrics.stage_latency.labels("cache").observe(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            self.metrics.stage_latency.labels("cache").observe(t1 - t0)
+            stages.append(("cache", t0, t1))
 
         items = self._decode(read.value) if read.outcome == "hit" else None
         if read.outcome == "hit" and items is None:
@@ -152,7 +158,7 @@ class RankingPipeline:
         n_candidates: int | None = None
         explanation = None
         if items is None:
-            result = await self._score(model, q, ctx, arrived)
+            result = await self._score(model, q, ctx, arrived, stages)
             explanation = result.explanation
             items = [
                 {
@@ -168,7 +174,9 @@ class RankingPipeline:
             if read.outcome == "miss" and key is not None and self.cache is not None:
                 t0 = time.perf_counter()
                 await self.cache.set(key, orjson.dumps(items))
-                self.metrics.stage_latency.labels("cache").observe(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                self.metrics.stage_latency.labels("cache").observe(t1 - t0)
+                stages.append(("cache", t0, t1))
         else:
             unknown = (
                 model.bundle.catalogue.indices_of(list(q.candidates))[1]
@@ -181,7 +189,7 @@ class RankingPipeline:
         )
         return RankOutcome(
             items, ctx, model.model_version, level, read.outcome, unknown, n_candidates,
-            explanation,
+            explanation, stages,
         )  # fmt: skip
 
     def _decode(self, value: bytes | None) -> list[dict[str, Any]] | None:
@@ -197,8 +205,14 @@ class RankingPipeline:
         return items
 
     async def _score(
-        self, model: ServingModel, q: RankQuery, ctx: Context, arrived: float | None
+        self,
+        model: ServingModel,
+        q: RankQuery,
+        ctx: Context,
+        arrived: float | None,
+        stages: list[tuple[str, float, float]],
     ) -> RankResult:
+        t_wait = time.perf_counter()
         try:
             await self.admission.enter(arrived)
         except Overloaded:
@@ -206,8 +220,12 @@ class RankingPipeline:
             raise
         self.metrics.in_flight.inc()
         started = time.perf_counter()
+        stages.append(("admission", t_wait, started))
         try:
             prepared = model.ranker.prepare(q, ctx)
+            retrieved = started + prepared.timings["retrieval"]
+            stages.append(("retrieve", started, retrieved))
+            stages.append(("features", retrieved, retrieved + prepared.timings["features"]))
             stage = self.metrics.stage_latency
             stage.labels("retrieval").observe(prepared.timings["retrieval"])
             stage.labels("features").observe(prepared.timings["features"])
@@ -223,9 +241,13 @@ class RankingPipeline:
                     scores = self._score_direct(model, prepared.inputs)
             else:
                 scores = self._score_direct(model, prepared.inputs)
-            prepared.timings["inference"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            prepared.timings["inference"] = t1 - t0
             stage.labels("inference").observe(prepared.timings["inference"])
-            return model.ranker.finish(prepared, scores)
+            stages.append(("score", t0, t1))
+            result = model.ranker.finish(prepared, scores)
+            stages.append(("top_k", t1, time.perf_counter()))
+            return result
         finally:
             self.metrics.in_flight.dec()
             self.admission.leave(time.perf_counter() - started)
