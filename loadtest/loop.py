@@ -240,28 +240,9 @@ def draw_sessions(truth: GroundTruth, task: str, n: int, seed: int, k: int = K) 
 
 
 def _typed_queries(truth: GroundTruth, rng: np.random.Generator, target: np.ndarray) -> np.ndarray:
-    """What members type for ``target``: the world's search model (model_export.synthetic
-    ``_Simulator.search``), its final keystroke only."""
-    ent, sim = truth.ent, truth.sim
-    n = len(target)
-    name = ent.name_norm[target]
-    n_start = ent.start_tokens[target]
-    later = (rng.random(n) < sw.LATER_WORD_RATE) & (n_start >= 2)
-    start_word = np.where(later, 1 + np.floor(rng.random(n) * (n_start - 1)), 0).astype(np.int64)
-    offset = ent.token_offset[target, start_word]
-    offset = np.where(sim._is_title(np.strings.slice(name, offset, None)) & later, 0, offset)
-    full = np.strings.slice(name, offset, None)
-    full_len = np.strings.str_len(full).astype(np.int64)
-    shortest = np.minimum(2, full_len)
-    typed = shortest + np.floor(rng.random(n) * (full_len - shortest + 1)).astype(np.int64)
-    for _ in range(sw.DEDUPE_ROUNDS):  # nobody stops on another title's exact name
-        stop = np.strings.rstrip(np.strings.slice(full, 0, typed))
-        on_other = sim._is_title(stop) & (stop != name) & (typed < full_len)
-        step = 1 + np.floor(rng.random(n) * (full_len - typed)).astype(np.int64)
-        typed = np.where(on_other, typed + step, typed)
-    stop = np.strings.rstrip(np.strings.slice(full, 0, typed))
-    typed = np.where(sim._is_title(stop) & (stop != name), full_len, typed)
-    text, _ = sim._with_typos(rng, full, typed)
+    """What members type for ``target``: the world's search model
+    (``model_export.synthetic._Simulator.typed_query``), its final keystroke only."""
+    text, _ = truth.sim.typed_query(rng, target)
     return np.asarray(text, dtype=str)
 
 

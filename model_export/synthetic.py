@@ -991,24 +991,7 @@ class _Simulator:
         # ("star" when they want "Star River"): they type on, so that an exact title query
         # means that title. A later-word start that is another title's name starts at the
         # first word instead.
-        name = ent.name_norm[target]
-        n_start = ent.start_tokens[target]
-        later = (rng.random(n_s) < LATER_WORD_RATE) & (n_start >= 2)
-        start_word = np.where(later, 1 + np.floor(rng.random(n_s) * (n_start - 1)), 0)
-        offset = ent.token_offset[target, start_word.astype(np.int64)]
-        offset = np.where(self._is_title(np.strings.slice(name, offset, None)) & later, 0, offset)
-        full = np.strings.slice(name, offset, None)
-        full_len = np.strings.str_len(full).astype(np.int64)
-        shortest = np.minimum(2, full_len)
-        typed = shortest + np.floor(rng.random(n_s) * (full_len - shortest + 1)).astype(np.int64)
-        for _ in range(DEDUPE_ROUNDS):
-            stop = np.strings.rstrip(np.strings.slice(full, 0, typed))
-            on_other = self._is_title(stop) & (stop != name) & (typed < full_len)
-            step = 1 + np.floor(rng.random(n_s) * (full_len - typed)).astype(np.int64)
-            typed = np.where(on_other, typed + step, typed)
-        stop = np.strings.rstrip(np.strings.slice(full, 0, typed))
-        typed = np.where(self._is_title(stop) & (stop != name), full_len, typed)
-        typed_text, typed_len = self._with_typos(rng, full, typed)
+        typed_text, typed_len = self.typed_query(rng, target)
 
         # Every keystroke from the 2nd character on is its own request.
         first_len = np.minimum(2, typed_len)
@@ -1066,6 +1049,31 @@ class _Simulator:
             row_target=row_target,
             row_label=label.astype(np.int8),
         )
+
+    def typed_query(
+        self, rng: np.random.Generator, target: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """What members type when they want ``target`` (see ``search``): the text of the
+        final keystroke, typos included, and its length."""
+        ent, n = self.ent, len(target)
+        name = ent.name_norm[target]
+        n_start = ent.start_tokens[target]
+        later = (rng.random(n) < LATER_WORD_RATE) & (n_start >= 2)
+        start_word = np.where(later, 1 + np.floor(rng.random(n) * (n_start - 1)), 0)
+        offset = ent.token_offset[target, start_word.astype(np.int64)]
+        offset = np.where(self._is_title(np.strings.slice(name, offset, None)) & later, 0, offset)
+        full = np.strings.slice(name, offset, None)
+        full_len = np.strings.str_len(full).astype(np.int64)
+        shortest = np.minimum(2, full_len)
+        typed = shortest + np.floor(rng.random(n) * (full_len - shortest + 1)).astype(np.int64)
+        for _ in range(DEDUPE_ROUNDS):
+            stop = np.strings.rstrip(np.strings.slice(full, 0, typed))
+            on_other = self._is_title(stop) & (stop != name) & (typed < full_len)
+            step = 1 + np.floor(rng.random(n) * (full_len - typed)).astype(np.int64)
+            typed = np.where(on_other, typed + step, typed)
+        stop = np.strings.rstrip(np.strings.slice(full, 0, typed))
+        typed = np.where(self._is_title(stop) & (stop != name), full_len, typed)
+        return self._with_typos(rng, full, typed)
 
     def _is_title(self, normalised: np.ndarray) -> np.ndarray:
         """Bool per string: is it the exact normalised name of some title?"""
