@@ -42,6 +42,7 @@ from app.serving.cache import (
 from app.serving.config import Settings
 from app.serving.metrics import ServiceMetrics
 from app.serving.model_holder import ModelHolder, ServingModel
+from app.serving.tracing import Stage
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class RankOutcome:
     n_candidates: int | None  # None on a cache hit (nothing was retrieved)
     explanation: list[dict[str, Any]] | None = None  # per item, for ``explain``
     # (stage, start, end) in perf_counter seconds, in order: what tracing turns into spans
-    stages: list[tuple[str, float, float]] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
 
 
 def open_cache(settings: Settings, metrics: ServiceMetrics | None) -> ClusterCache | None:
@@ -210,7 +211,7 @@ class RankingPipeline:
         q: RankQuery,
         ctx: Context,
         arrived: float | None,
-        stages: list[tuple[str, float, float]],
+        stages: list[Stage],
     ) -> RankResult:
         t_wait = time.perf_counter()
         try:
