@@ -44,7 +44,7 @@ def client(served: tuple[Any, httpx.AsyncClient]) -> httpx.AsyncClient:
 
 @pytest.fixture
 def bundle(served: tuple[Any, httpx.AsyncClient]) -> Bundle:
-    return served[0].state.served.models.model.bundle
+    return served[0].state.served.models.choose(None).bundle
 
 
 def _video(bundle: Bundle, i: int = 0) -> str:
@@ -121,7 +121,8 @@ async def test_response_schema_and_json_types(client: httpx.AsyncClient, bundle:
     body = response.json()
     parsed = RankResponse.model_validate(body)
     assert set(body) == {
-        "request_id", "items", "task", "model_version", "personalization", "cache", "context",
+        "request_id", "items", "task", "variant", "model_version", "personalization", "cache",
+        "context",
         "unknown_candidates",
     }  # fmt: skip
     assert body["request_id"] == response.headers["x-request-id"]  # one id, two places
@@ -330,6 +331,7 @@ async def test_health_and_readiness(client: httpx.AsyncClient, bundle: Bundle) -
     ready = await client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready", "model_version": bundle.model_version,
+                            "variants": {"default": bundle.model_version},
                             "cache": "ok", "cache_backend": "memory"}  # fmt: skip
 
 
@@ -368,11 +370,12 @@ async def test_metrics_names_and_no_user_or_query_labels(
     ):  # fmt: skip
         assert f"\n{name}" in text, name
     assert "\nunicorn_scoring_slots 4.0" in text  # max_in_flight, no flood
-    assert f'unicorn_model_info{{model_version="{bundle.model_version}"}} 1.0' in text
+    info = f'unicorn_model_info{{model_version="{bundle.model_version}",variant="default"}} 1.0'
+    assert info in text
     assert 'task="search"' in text and 'le="0.00025"' in text
     assert 'unicorn_responses_total{route="/rank",status="200"}' in text
     for stage in ("retrieval", "features", "inference", "cache"):
-        assert f'unicorn_stage_latency_seconds_count{{stage="{stage}"}}' in text
+        assert f'unicorn_stage_latency_seconds_count{{stage="{stage}",variant="default"}}' in text
     assert "secret-user-9" not in text and "secret-query-text" not in text
 
 
@@ -458,7 +461,7 @@ async def test_requests_queued_on_a_busy_loop_are_shed(
     """Inline scoring blocks the loop; requests queued behind it past the timeout get 503."""
     settings = settings_for(max_in_flight=1, queue_timeout_ms=100, cache_enabled=False)
     async with running_app(settings) as (app, client):
-        scorer = app.state.served.models.model.bundle.scorer
+        scorer = app.state.served.models.choose(None).bundle.scorer
         real_score = scorer.score
 
         def slow_score(inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -484,7 +487,7 @@ async def test_the_loop_reads_new_requests_between_inline_scorings(
     last of them, and the /rank calls finish first come, first served."""
     settings = settings_for(max_in_flight=1, queue_timeout_ms=5000, cache_enabled=False)
     async with running_app(settings) as (app, client):
-        scorer = app.state.served.models.model.bundle.scorer
+        scorer = app.state.served.models.choose(None).bundle.scorer
         real_score = scorer.score
 
         def slow_score(inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -564,7 +567,7 @@ async def test_a_request_uses_one_model_snapshot_across_a_reload(
         async with asyncio.timeout(5):
             while in_flight("unicorn_in_flight_requests") != 1:  # waiting in the batch window
                 await asyncio.sleep(0.001)
-        await served.models.reload(second_bundle)
+        await served.models.holder(None).reload(second_bundle)
         before = (await pending).json()
         after = (await client.post("/rank", json=request)).json()
         assert before["model_version"] == bundle.model_version
@@ -588,9 +591,9 @@ async def test_the_heap_is_frozen_once_serving_starts_and_after_a_reload(
         served = app.state.served
         frozen = gc.get_freeze_count()
         assert frozen > 10_000, frozen
-        assert not gc.is_tracked(served.models.model.bundle.catalogue.index) or frozen
-        old = weakref.ref(served.models.model.bundle)
-        await served.models.reload(second_bundle)
+        assert not gc.is_tracked(served.models.choose(None).bundle.catalogue.index) or frozen
+        old = weakref.ref(served.models.choose(None).bundle)
+        await served.models.holder(None).reload(second_bundle)
         assert old() is None  # the old bundle freed at once, frozen or not
         assert gc.get_freeze_count() > frozen // 2  # the new one's objects frozen too
     assert gc.get_freeze_count() == 0

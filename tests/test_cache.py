@@ -31,6 +31,7 @@ from app.serving.metrics import ServiceMetrics
 pytestmark = pytest.mark.anyio
 
 BASE = CacheKeyParts(
+    variant="default",
     model_version="m1",
     task="search",
     query="star wars",
@@ -56,6 +57,7 @@ class FakeClock:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
+        ("variant", "challenger"),
         ("model_version", "m2"),
         ("task", "prequery"),
         ("query", "star war"),

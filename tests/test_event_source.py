@@ -82,6 +82,7 @@ def impression(
         "country": country,
         "source_entity_id": source,
         "personalization": "cluster",
+        "variant": "default",
         "model_version": "demo-0123456789ab",
         "cache": "miss",
         "entity_ids": shown,

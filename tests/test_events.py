@@ -65,6 +65,7 @@ def impression(i: int | str, **overrides: Any) -> dict[str, Any]:
         "country": "US",
         "source_entity_id": "",
         "personalization": "full",
+        "variant": "default",
         "model_version": "mv-0123abcd",
         "cache": "miss",
         "entity_ids": [f"e{i}-a", f"e{i}-b", "e-c"],

@@ -65,13 +65,13 @@ async def test_metric_label_values_stay_bounded_enums_whatever_the_traffic(
     from prometheus_client.parser import text_string_to_metric_families
 
     async with running_app(settings_for(admin_token=TOKEN)) as (app, client):
-        service = app.state.served.models
-        video = str(service.model.bundle.catalogue.entity_id[0])
+        service = app.state.served.models.choose(None)
+        video = str(service.bundle.catalogue.entity_id[0])
         await _distinctive_traffic(client, video)
         text = (await client.get("/metrics")).text
         routes = {getattr(r, "path", "") for r in app.routes} | app_api.ROUTE_PATHS
         routes |= {"unmatched"}
-        version = service.model.model_version
+        version = service.model_version
     for secret in SECRETS:
         assert secret not in text
     allowed: dict[str, set[str]] = {
@@ -86,6 +86,7 @@ async def test_metric_label_values_stay_bounded_enums_whatever_the_traffic(
         "operation": set(OPERATIONS),
         "result": {"ok", "refused"},
         "model_version": {version},
+        "variant": {"default"},
     }
     seen = 0
     for family in text_string_to_metric_families(text):
@@ -113,7 +114,7 @@ async def test_logs_carry_no_user_id_and_no_query_text_unless_log_queries_is_on(
     caplog.set_level(logging.DEBUG)  # every logger, every level
     settings = settings_for(log_queries=log_queries, log_level="DEBUG", admin_token=TOKEN)
     async with running_app(settings) as (app, client):
-        video = str(app.state.served.models.model.bundle.catalogue.entity_id[0])
+        video = str(app.state.served.models.choose(None).bundle.catalogue.entity_id[0])
         await _distinctive_traffic(client, video, odd_path=False)
     lines = [
         json.dumps({**r.__dict__, "message": r.getMessage()}, default=str) for r in caplog.records
@@ -198,6 +199,7 @@ TRICKY = st.text(alphabet='ab|:,"\\ \x00\u00e9', max_size=4)
 def key_parts(draw: st.DrawFn) -> CacheKeyParts:
     level = draw(st.sampled_from(list(Personalization)))
     return CacheKeyParts(
+        variant=draw(TRICKY),
         model_version=draw(TRICKY),
         task=draw(st.sampled_from([t.value for t in Task])),
         query=draw(TRICKY),

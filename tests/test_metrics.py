@@ -15,8 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.serving.metrics import SLO_SECONDS, ServiceMetrics
 
 CONTRACT = {
-    "unicorn_rank_latency_seconds": ("histogram", {"task", "personalization", "cache"}),
-    "unicorn_stage_latency_seconds": ("histogram", {"stage"}),
+    "unicorn_rank_latency_seconds": (
+        "histogram",
+        {"task", "personalization", "cache", "variant"},
+    ),
+    "unicorn_stage_latency_seconds": ("histogram", {"stage", "variant"}),
     "unicorn_inference_batch_size": ("histogram", set()),
     "unicorn_candidates_per_request": ("histogram", set()),
     "unicorn_cache_requests": ("counter", {"outcome"}),
@@ -25,17 +28,21 @@ CONTRACT = {
     "unicorn_responses": ("counter", {"route", "status"}),
     "unicorn_in_flight_requests": ("gauge", set()),
     "unicorn_shed_requests": ("counter", set()),
-    "unicorn_model_info": ("gauge", {"model_version"}),
+    "unicorn_model_info": ("gauge", {"variant", "model_version"}),
     "unicorn_model_reloads": ("counter", {"result"}),
+    "unicorn_shadow_requests": ("counter", {"variant", "outcome"}),
+    "unicorn_shadow_top10_overlap": ("histogram", {"variant"}),
+    "unicorn_shadow_rank_correlation": ("histogram", {"variant"}),
+    "unicorn_shadow_latency_seconds": ("histogram", {"variant"}),
 }
 
 
 def test_names_types_and_labels_match_the_contract() -> None:
     metrics = ServiceMetrics()
-    metrics.rank_latency.labels("search", "cluster", "hit").observe(0.0009)
+    metrics.init_variants(("default",), shadow=True)
     metrics.cache_errors.labels("redis", "get").inc()
     metrics.responses.labels("/rank", "200").inc()
-    metrics.set_model("m1")
+    metrics.set_model("default", "m1")
     families = {f.name: f for f in text_string_to_metric_families(metrics.render()[0].decode())}
     for name, (kind, labels) in CONTRACT.items():
         assert name in families, name
@@ -62,7 +69,7 @@ def dashboard_p99(latencies: Iterable[float]) -> float:
     """The p99 a dashboard reads after the service observed ``latencies``."""
     metrics = ServiceMetrics()
     for seconds in latencies:
-        metrics.rank_latency.labels("search", "cluster", "miss").observe(seconds)
+        metrics.rank_latency.labels("search", "cluster", "miss", "default").observe(seconds)
     text = metrics.render()[0].decode()
     (family,) = [
         f for f in text_string_to_metric_families(text) if f.name == "unicorn_rank_latency_seconds"
@@ -90,11 +97,13 @@ def test_the_latency_alert_tells_a_p99_just_under_the_objective_from_one_just_ov
 
 def test_model_info_marks_only_the_serving_version() -> None:
     metrics = ServiceMetrics()
-    metrics.set_model("m1")
-    metrics.set_model("m2", previous="m1")
+    metrics.set_model("champion", "m1")
+    metrics.set_model("champion", "m2", previous="m1")
+    metrics.set_model("challenger", "m1")
     get = metrics.registry.get_sample_value
-    assert get("unicorn_model_info", {"model_version": "m2"}) == 1
-    assert get("unicorn_model_info", {"model_version": "m1"}) == 0
+    assert get("unicorn_model_info", {"variant": "champion", "model_version": "m2"}) == 1
+    assert get("unicorn_model_info", {"variant": "champion", "model_version": "m1"}) == 0
+    assert get("unicorn_model_info", {"variant": "challenger", "model_version": "m1"}) == 1
 
 
 def test_multiprocess_mode_adds_up_every_worker(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ async def test_a_title_enters_the_top_10_by_its_distinctive_prefix(
 ) -> None:
     settings = Settings(bundle=tiny_bundle, cache_enabled=False)
     async with running_app(settings) as (app, client):
-        bundle: Bundle = app.state.served.models.model.bundle
+        bundle: Bundle = app.state.served.models.choose(None).bundle
         rankable_names = bundle.text.names[bundle.catalogue.rankable]
         for index in titles_to_type(bundle):
             name = str(bundle.text.names[index])

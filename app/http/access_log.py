@@ -85,6 +85,7 @@ class AccessRecord:
     task: str | None = None
     personalization: str | None = None
     cache: str | None = None
+    variant: str | None = None
     model_version: str | None = None
     user: str | None = None  # keyed hash, never the raw id
     query_chars: int | None = None
@@ -102,6 +103,7 @@ def describe_rank(
     record: AccessRecord,
     task: str,
     personalization: str,
+    variant: str,
     model_version: str,
     user: str | None,
     query: str | None,
@@ -111,6 +113,7 @@ def describe_rank(
     and its text only when ``log_query``."""
     record.task = task
     record.personalization = personalization
+    record.variant = variant
     record.model_version = model_version
     record.user = user
     if query is not None:

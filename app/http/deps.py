@@ -14,8 +14,9 @@ from app.http.schemas import RankLimits
 from app.serving.config import Settings
 from app.serving.feedback import Feedback
 from app.serving.metrics import ServiceMetrics
-from app.serving.model_holder import ModelHolder
+from app.serving.model_holder import Variants
 from app.serving.pipeline import RankingPipeline
+from app.serving.shadow import Shadow
 from app.serving.tracing import Tracing
 
 
@@ -25,16 +26,19 @@ class Served:
 
     settings: Settings
     metrics: ServiceMetrics
-    models: ModelHolder
+    models: Variants  # the served variants' model holders (one: default)
     pipeline: RankingPipeline
     stopping: bool = False
     limits: RankLimits = field(init=False)
     user_key: bytes = field(init=False)  # keys the user-id hash of the access log and events
     feedback: Feedback | None = field(init=False)  # None: events off (no sink configured)
     tracing: Tracing | None = field(init=False)  # None: tracing off (no OTLP endpoint)
+    shadow: Shadow | None = None  # set once the shadow bundle is loaded; None: no shadow
 
     def __post_init__(self) -> None:
-        self.limits = RankLimits(self.settings.max_query_chars, self.settings.max_candidates)
+        self.limits = RankLimits(
+            self.settings.max_query_chars, self.settings.max_candidates, self.models.names
+        )
         salt = self.settings.log_user_salt
         self.user_key = salt.get_secret_value().encode() if salt else os.urandom(16)
         self.feedback = Feedback.from_settings(self.settings, self.metrics, self.user_key)

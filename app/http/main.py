@@ -33,8 +33,9 @@ from app.http.protocol import AdmissionDoor, DoorMiddleware
 from app.http.routes import ROUTE_PATHS, api_router
 from app.serving.config import Settings
 from app.serving.metrics import ServiceMetrics
-from app.serving.model_holder import ModelHolder, freeze_heap
+from app.serving.model_holder import Variants, freeze_heap
 from app.serving.pipeline import RankingPipeline, open_cache
+from app.serving.shadow import Shadow
 
 logger = logging.getLogger("unicorn.main")
 
@@ -79,6 +80,8 @@ async def _sample_process(metrics: ServiceMetrics) -> None:
 
 async def _close(served: Served) -> None:
     served.stopping = True  # /readyz answers 503 from here on
+    if served.shadow is not None:
+        await served.shadow.close()
     await served.models.close()
     await served.pipeline.close()
     if served.feedback is not None:
@@ -96,11 +99,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics()
     metrics.init_routes(ROUTE_PATHS)
+    metrics.init_variants(
+        tuple(v.name for v in settings.variant_specs), shadow=settings.shadow_bundle is not None
+    )
     door = AdmissionDoor(metrics)  # the connection layer's early 503s (app.http.protocol)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        models = ModelHolder(settings, metrics)
+        models = Variants(settings, metrics)
         pipeline = RankingPipeline(settings, metrics, models, open_cache(settings, metrics))
         served = Served(settings, metrics, models, pipeline)
         door.admission = pipeline.admission
@@ -113,6 +119,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 f"cannot start: bundle {settings.bundle} is refused: {exc.message}"
             ) from None
         logger.info("cache: %s", settings.cache_backend)
+        if models.shadow is not None:
+            served.shadow = Shadow(
+                models.shadow, metrics, settings.shadow_sample_ratio,
+                settings.shadow_queue_capacity,
+            )  # fmt: skip
+            served.shadow.start()
         app.state.served = served
         if served.feedback is not None:
             served.feedback.start()

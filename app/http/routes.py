@@ -111,6 +111,7 @@ def rank_body(outcome: RankOutcome, request_id: str) -> bytes:
             "request_id": request_id,
             "items": outcome.items,
             "task": outcome.context.task.value,
+            "variant": outcome.variant,
             "model_version": outcome.model_version,
             "personalization": outcome.personalization.value,
             "cache": outcome.cache,
@@ -140,33 +141,38 @@ async def rank(request: Request, served: ServedDep) -> JsonResponse:
     parsed = time.perf_counter()
     if req.explain:
         await allow_explain(request, served)
-    model = served.models.current()
+    model = served.models.choose(req.user_id, req.variant)
     record = access_record(request.scope)
     if record is not None:
         describe_rank(
             record,
             req.task.value,
             req.personalization.value,
+            model.variant,
             model.model_version,
             hash_user(req.user_id, served.user_key),
             req.query,
             served.settings.log_queries,
         )
     arrived = request.scope.get("state", {}).get(ARRIVAL_KEY)  # when its head was read
-    outcome = await served.pipeline.rank(req.to_query(), model, started, arrived)
+    query = req.to_query()
+    outcome = await served.pipeline.rank(query, model, started, arrived)
     request_id = new_request_id() if record is None else record.request_id
     if record is not None:
         record.cache = outcome.cache
         record.n_candidates = outcome.n_candidates
     if served.feedback is not None:
         served.feedback.impression(request_id, outcome)
+    if served.shadow is not None:
+        served.shadow.offer(query, outcome)
     response = JsonResponse(rank_body(outcome, request_id))
     if served.tracing is not None:
         served.tracing.record(
             request.headers, "POST /rank", started, time.perf_counter(),
             [("parse", started, parsed), *outcome.stages],
             {"unicorn.task": outcome.context.task.value, "unicorn.cache": outcome.cache,
-             "unicorn.model_version": outcome.model_version, "unicorn.request_id": request_id,
+             "unicorn.variant": outcome.variant, "unicorn.model_version": outcome.model_version,
+             "unicorn.request_id": request_id,
              "unicorn.candidates": outcome.n_candidates or 0},
         )  # fmt: skip
     return response
@@ -219,12 +225,14 @@ async def readyz(request: Request) -> JsonResponse:
     if served is None:
         ready = Ready(status="not_ready", model_version=None, cache="off", cache_backend="off")
     else:
-        model = served.models.model
+        models = {h.name: h.model for h in served.models}
+        model = models[served.models.champion]
         probe = await served.pipeline.cache_ok()
         cache: CacheState = "off" if probe is None else ("ok" if probe else "degraded")
         ready = Ready(
             status="ready" if model is not None and not served.stopping else "not_ready",
             model_version=model.model_version if model else None,
+            variants={n: m.model_version for n, m in models.items() if m is not None},
             cache=cache,
             cache_backend=served.settings.cache_backend,
         )
@@ -287,8 +295,10 @@ async def reload(
     """Load, verify and warm a bundle, then swap it in; a refused bundle (409) leaves the
     running model serving."""
     path = Path(body.bundle) if body is not None and body.bundle else None
-    done = await served.models.reload(path)
+    holder = served.models.holder(body.variant if body is not None else None)
+    done = await holder.reload(path)
     return ReloadResponse(
+        variant=done.variant,
         model_version=done.model_version,
         previous_model_version=done.previous_model_version,
         bundle=done.bundle,
@@ -307,7 +317,7 @@ async def catalogue_sample(
     seed: Annotated[int, Query(ge=0, le=2**32 - 1, description="Draw seed.")] = 0,
 ) -> CatalogueSample:
     """Queries, video ids and page entity ids drawn from the served bundle (load tests)."""
-    return sample_catalogue(served.models.current(), n, seed)
+    return sample_catalogue(served.models.choose(None), n, seed)
 
 
 ROUTERS = (

@@ -49,6 +49,7 @@ class RankLimits:
 
     max_query_chars: int = 200
     max_candidates: int = 1000
+    variants: tuple[str, ...] = ("default",)  # the served variants' names
 
 
 def _limits(info: ValidationInfo) -> RankLimits:
@@ -109,6 +110,12 @@ class RankRequest(BaseModel):
         default=Personalization.CLUSTER,
         description="none | cluster (shared, cached) | full (per user, not cached).",
     )
+    variant: str | None = Field(
+        default=None,
+        max_length=32,
+        description="The variant that answers (UNICORN_VARIANTS), for QA and comparisons; "
+        "absent = the member's own variant (a salted hash of user_id).",
+    )
     explain: bool = Field(
         default=False,
         strict=True,
@@ -123,6 +130,14 @@ class RankRequest(BaseModel):
         limit = _limits(info).max_query_chars
         if value is not None and len(value) > limit:
             raise ValueError(f"query must be at most {limit} characters, got {len(value)}")
+        return value
+
+    @field_validator("variant")
+    @classmethod
+    def _served_variant(cls, value: str | None, info: ValidationInfo) -> str | None:
+        served = _limits(info).variants
+        if value is not None and value not in served:
+            raise ValueError(f"variant must be one of {', '.join(served)}; got {value!r}")
         return value
 
     @field_validator("candidates")
@@ -301,6 +316,7 @@ class RankResponse(BaseModel):
     )
     items: list[RankedItemOut]
     task: Task
+    variant: str = Field(description="The variant that answered (default: one variant).")
     model_version: str
     personalization: Personalization
     cache: CacheOutcome
@@ -327,7 +343,11 @@ class Health(BaseModel):
 
 class Ready(BaseModel):
     status: Literal["ready", "not_ready"]
-    model_version: str | None
+    model_version: str | None = Field(description="The champion's (first variant's).")
+    variants: dict[str, str] = Field(
+        default_factory=dict,
+        description="Each variant's model version, and the shadow's when one is loaded.",
+    )
     cache: CacheState
     cache_backend: CacheBackend
 
@@ -339,11 +359,17 @@ class ReloadRequest(BaseModel):
         default=None,
         min_length=1,
         max_length=4096,
-        description="Bundle directory to load; absent = the configured bundle path.",
+        description="Bundle directory to load; absent = the variant's configured bundle path.",
+    )
+    variant: str | None = Field(
+        default=None,
+        max_length=32,
+        description="The variant to reload (or shadow); absent = the champion.",
     )
 
 
 class ReloadResponse(BaseModel):
+    variant: str
     model_version: str
     previous_model_version: str
     bundle: str

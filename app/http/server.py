@@ -63,6 +63,9 @@ SERVE_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--cors-origins", "cors_origins", str, "browser origins allowed (CORS), comma-separated"),
     ("--gzip-min-bytes", "gzip_min_bytes", int, "compress answers this large, 0 = never"),
     ("--explain", "explain", str, "explain on /rank: on | admin | off"),
+    ("--variants", "variants", str, "bundles served at once: name=path[:percent],..."),
+    ("--shadow-bundle", "shadow_bundle", Path, "bundle that ranks a sample off the path"),
+    ("--shadow-sample-ratio", "shadow_sample_ratio", float, "share of answers the shadow ranks"),
 )
 # Descriptors a serving process needs besides its connections: the bundle files, the
 # Redis pool, metrics files, logs, the event loop's own (256), and the connections asyncio

@@ -41,7 +41,7 @@ logger = logging.getLogger("unicorn.cache")
 
 KEY_PREFIX = "unicorn:rank:"
 OPERATIONS: tuple[str, ...] = ("get", "set", "ping", "decode")
-KEY_SCHEMA = 1  # bump when the key layout changes, so old entries are never misread
+KEY_SCHEMA = 2  # bump when the key layout changes, so old entries are never misread
 CacheOutcome = Literal["hit", "miss", "bypass"]
 Clock = Callable[[], float]
 T = TypeVar("T")
@@ -59,6 +59,7 @@ class CacheKeyParts:
     matters). ``user_id`` must be set for ``full`` and only for ``full``.
     """
 
+    variant: str
     model_version: str
     task: str
     query: str
@@ -94,6 +95,7 @@ def cache_key(parts: CacheKeyParts) -> str:
     payload = orjson.dumps(
         [
             KEY_SCHEMA,
+            parts.variant,
             parts.model_version,
             parts.task,
             parts.query,

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.serving.variants import VariantSpec, parse_variants
+
 ENV_PREFIX = "UNICORN_"
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -40,6 +42,36 @@ class Settings(BaseSettings):
     bundle: Path = Field(
         default=Path("bundles/demo"),
         description="Bundle directory served at start and by SIGHUP / a bodiless reload.",
+    )
+    variants: str = Field(
+        default="",
+        description="Serve several bundles at once, members split by a salted hash of the "
+        "user id: name=path[:percent],..., e.g. champion=bundles/a,challenger=bundles/b:10 "
+        "(entries without a percent share the rest; the first answers requests without a "
+        "user id). Empty = one variant, default, serving `bundle`.",
+    )
+    variant_salt: str = Field(
+        default="unicorn-variants",
+        min_length=1,
+        max_length=256,
+        description="Salt of the variant split's hash: the same on every replica; a new salt "
+        "reshuffles members between variants.",
+    )
+    shadow_bundle: Path | None = Field(
+        default=None,
+        description="A bundle that ranks a sample of requests off the request path, its "
+        "agreement with the served variant exported as metrics; unset = no shadow. A "
+        "refused shadow bundle is logged and leaves shadow scoring off.",
+    )
+    shadow_sample_ratio: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="Share of /rank answers the shadow re-ranks."
+    )
+    shadow_queue_capacity: int = Field(
+        default=16,
+        ge=1,
+        le=10_000,
+        description="Sampled requests waiting for the shadow; beyond, they are dropped "
+        '(unicorn_shadow_requests_total{outcome="dropped"}).',
     )
     ort_intra_op_threads: int = Field(
         default=1,
@@ -262,7 +294,7 @@ class Settings(BaseSettings):
         description="PROMETHEUS_MULTIPROC_DIR for workers > 1; unset = a fresh temp dir.",
     )
 
-    @field_validator("bundle", "metrics_dir", "events_dir", mode="after")
+    @field_validator("bundle", "metrics_dir", "events_dir", "shadow_bundle", mode="after")
     @classmethod
     def _expand_path(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser()
@@ -327,6 +359,16 @@ class Settings(BaseSettings):
                     "path or trailing slash (as a browser sends Origin)"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _check_variants(self) -> Settings:
+        parse_variants(self.variants, self.bundle)  # raises ValueError naming the rule
+        return self
+
+    @property
+    def variant_specs(self) -> tuple[VariantSpec, ...]:
+        """The served variants, champion first (``app.serving.variants``)."""
+        return parse_variants(self.variants, self.bundle)
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -34,8 +34,9 @@ drops, and counts, an event that lacks a field, has ``None`` in one, or has a va
 column cannot hold. Impression: ``request_id``, ``ts`` (epoch seconds), ``task``, ``user``
 ("" when logged out; a salted hash unless raw ids are configured), ``user_hashed``,
 ``query``, ``country``, ``source_entity_id`` ("" when none), ``personalization``,
-``model_version``, ``cache`` (hit|miss|bypass|...), ``entity_ids`` (in the order shown),
-``scores`` (same length). Engagement: ``event_id``, ``request_id``, ``entity_id``, ``type``
+``variant`` (the serving variant's name), ``model_version``, ``cache``
+(hit|miss|bypass|...), ``entity_ids`` (in the order shown), ``scores`` (same length).
+Engagement: ``event_id``, ``request_id``, ``entity_id``, ``type``
 (play|click|add_to_list|...), ``ts`` (the client's), ``received_ts``.
 
 pyarrow (about 50 MiB of memory) is imported by the first ``FileSink`` only: a replica
@@ -83,6 +84,7 @@ FIELDS: dict[str, dict[str, str]] = {
         "country": "str",
         "source_entity_id": "str",
         "personalization": "str",
+        "variant": "str",
         "model_version": "str",
         "cache": "str",
         "entity_ids": "list[str]",

@@ -139,6 +139,7 @@ class Feedback:
                 "country": ctx.country,
                 "source_entity_id": ctx.source_entity_id,
                 "personalization": outcome.personalization.value,
+                "variant": outcome.variant,
                 "model_version": outcome.model_version,
                 "cache": outcome.cache,
                 "entity_ids": [str(item["entity_id"]) for item in outcome.items],

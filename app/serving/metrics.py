@@ -6,7 +6,8 @@ before any worker imports ``prometheus_client``; every worker then writes its va
 that directory and ``render`` aggregates them (``multiprocess_mode`` says how per gauge).
 
 Labels are bounded enums only (task, personalization level, cache outcome, stage, route
-template, status code, model version): never a user id or query text.
+template, status code, model version, configured variant name): never a user id or query
+text.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ BATCH_ROWS_BUCKETS: tuple[float, ...] = (
     1, 5, 10, 20, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 4096, 8192,
 )  # fmt: skip
 CANDIDATE_BUCKETS: tuple[float, ...] = (0, 1, 5, 10, 20, 50, 100, 200, 300, 500, 750, 1000)
+AGREEMENT_BUCKETS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# le=0 holds every correlation at or below 0; a negative first bound would make
+# prometheus_client drop the _sum (the mean a panel shows).
+CORRELATION_BUCKETS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+SHADOW_OUTCOMES = ("scored", "dropped", "failed")
 STAGES: tuple[str, ...] = ("retrieval", "features", "inference", "cache")
 CACHE_OUTCOMES: tuple[str, ...] = ("hit", "miss", "bypass")
 # Every status the service answers (499: the client went away first). Each (route,
@@ -67,15 +73,16 @@ class ServiceMetrics:
         r = self.registry
         self.rank_latency = Histogram(
             "unicorn_rank_latency_seconds",
-            "POST /rank handling time (body parse to response body), by outcome.",
-            ["task", "personalization", "cache"],
+            "POST /rank handling time (body parse to response body), by outcome and variant.",
+            ["task", "personalization", "cache", "variant"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.stage_latency = Histogram(
             "unicorn_stage_latency_seconds",
-            "Time per ranking stage: retrieval, features, inference, cache (get + set).",
-            ["stage"],
+            "Time per ranking stage: retrieval, features, inference, cache (get + set), by "
+            "variant.",
+            ["stage", "variant"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -144,8 +151,9 @@ class ServiceMetrics:
         )
         self.model_info = Gauge(
             "unicorn_model_info",
-            "1 for the model version this process serves, 0 for versions it served before.",
-            ["model_version"],
+            "1 for the model version each variant (and the shadow) serves, 0 for versions "
+            "it served before.",
+            ["variant", "model_version"],
             registry=r,
             multiprocess_mode="livemax",
         )
@@ -153,6 +161,35 @@ class ServiceMetrics:
             "unicorn_model_reloads_total",
             "Model reloads by result: ok, refused (the old model kept serving).",
             ["result"],
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            "unicorn_shadow_requests_total",
+            "Answers sampled for the shadow bundle, by the variant that served them and "
+            "outcome: scored, dropped (its queue was full), failed (the shadow raised).",
+            ["variant", "outcome"],
+            registry=r,
+        )
+        self.shadow_overlap = Histogram(
+            "unicorn_shadow_top10_overlap",
+            "Share of the served top 10 that the shadow's own top 10 also holds.",
+            ["variant"],
+            buckets=AGREEMENT_BUCKETS,
+            registry=r,
+        )
+        self.shadow_correlation = Histogram(
+            "unicorn_shadow_rank_correlation",
+            "Spearman correlation of the served order and the shadow's order of the same "
+            "served items (1 = same order, -1 = reversed).",
+            ["variant"],
+            buckets=CORRELATION_BUCKETS,
+            registry=r,
+        )
+        self.shadow_latency = Histogram(
+            "unicorn_shadow_latency_seconds",
+            "Time the shadow took per sampled request (off the request path).",
+            ["variant"],
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.process_memory = Gauge(
@@ -180,19 +217,30 @@ class ServiceMetrics:
             multiprocess_mode="liveall",
         )
         # Export zeros so that dashboards and increase() see every series from the start.
-        for stage in STAGES:
-            self.stage_latency.labels(stage)
         for outcome in CACHE_OUTCOMES:
             self.cache_requests.labels(outcome)
-            for task in Task:
-                for level in Personalization:
-                    self.rank_latency.labels(task.value, level.value, outcome)
         for result in ("ok", "refused"):
             self.model_reloads.labels(result)
         for kind in ("impression", "engagement"):
             for outcome in EVENT_OUTCOMES:
                 self.events.labels(kind, outcome)
         self.sample_process()
+
+    def init_variants(self, variants: tuple[str, ...], shadow: bool = False) -> None:
+        """Every variant's latency series at zero, and the shadow's agreement series."""
+        for variant in variants:
+            for stage in STAGES:
+                self.stage_latency.labels(stage, variant)
+            for outcome in CACHE_OUTCOMES:
+                for task in Task:
+                    for level in Personalization:
+                        self.rank_latency.labels(task.value, level.value, outcome, variant)
+            if shadow:
+                for result in SHADOW_OUTCOMES:
+                    self.shadow_requests.labels(variant, result)
+                self.shadow_overlap.labels(variant)
+                self.shadow_correlation.labels(variant)
+                self.shadow_latency.labels(variant)
 
     def init_routes(self, routes: frozenset[str] | tuple[str, ...]) -> None:
         """Every (route, status) response series at zero, ``unmatched`` included."""
@@ -212,10 +260,10 @@ class ServiceMetrics:
             self.process_fds.set(len(os.listdir("/proc/self/fd")))
             self.process_max_fds.set(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
-    def set_model(self, version: str, previous: str | None = None) -> None:
+    def set_model(self, variant: str, version: str, previous: str | None = None) -> None:
         if previous is not None and previous != version:
-            self.model_info.labels(previous).set(0)
-        self.model_info.labels(version).set(1)
+            self.model_info.labels(variant, previous).set(0)
+        self.model_info.labels(variant, version).set(1)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text: this app's registry, or every worker's when multiprocess."""

@@ -1,4 +1,5 @@
-"""The served model: load, warm-up, verified swap, reload (admin route or SIGHUP).
+"""The served models: load, warm-up, verified swap, reload (admin route or SIGHUP), one
+``ModelHolder`` per variant (``Variants``; the split is ``app.serving.variants``).
 
 A request takes ONE ``ServingModel`` snapshot at its start and uses only it, so a reload
 (an atomic swap of the snapshot) never yields a mixed-version response. A bundle is
@@ -16,6 +17,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,13 @@ import numpy as np
 
 from app.core.bundle import Bundle, load_bundle
 from app.core.context import Personalization, Task
-from app.core.errors import BundleError, Forbidden, ModelUnavailable
+from app.core.errors import BundleError, Forbidden, ModelUnavailable, NotFound
 from app.core.ranking import Ranker, RankQuery
 from app.core.scoring import ScorerOptions
 from app.serving.batching import MicroBatcher, concatenate_requests
 from app.serving.config import Settings
 from app.serving.metrics import ServiceMetrics
+from app.serving.variants import SHADOW, VariantSpec, VariantSplit
 
 logger = logging.getLogger("unicorn.model")
 
@@ -41,6 +44,7 @@ class ServingModel:
     bundle: Bundle
     ranker: Ranker
     batcher: MicroBatcher | None
+    variant: str  # the name of the holder that serves it
 
     @property
     def model_version(self) -> str:
@@ -51,6 +55,7 @@ class ServingModel:
 class Reloaded:
     """What a successful reload swapped in."""
 
+    variant: str
     model_version: str
     previous_model_version: str
     bundle: str
@@ -135,15 +140,17 @@ def freeze_heap() -> None:
 
 
 class ModelHolder:
-    """Holds the current ``ServingModel``; one per app."""
+    """Holds one variant's current ``ServingModel``, loaded from its ``bundle`` path."""
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: ServiceMetrics, name: str, bundle: Path
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.name = name
+        self.bundle = bundle
         self.model: ServingModel | None = None
         self._reload_lock = asyncio.Lock()
-        self._background: set[asyncio.Task[Any]] = set()
-        self._sighup_installed = False
 
     def current(self) -> ServingModel:
         """The snapshot a request uses from its start to its end."""
@@ -153,20 +160,12 @@ class ModelHolder:
         return model
 
     async def start(self) -> None:
-        """Load the configured bundle (raises ``BundleError``: the process must not serve)."""
-        bundle, ranker = await asyncio.to_thread(
-            load_serving_model, self.settings.bundle, self.settings
-        )
+        """Load the configured bundle (raises ``BundleError``)."""
+        bundle, ranker = await asyncio.to_thread(load_serving_model, self.bundle, self.settings)
         self._install(bundle, ranker)
-        logger.info("serving model %s from %s", bundle.model_version, bundle.path)
-        self._install_sighup()
+        logger.info("%s: serving model %s from %s", self.name, bundle.model_version, bundle.path)
 
     async def close(self) -> None:
-        self._remove_sighup()
-        for task in list(self._background):
-            task.cancel()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
         if self.model is not None and self.model.batcher is not None:
             await self.model.batcher.close()
 
@@ -181,8 +180,10 @@ class ModelHolder:
                 on_batch=self._observe_batch,
             )
         previous = self.model
-        self.model = ServingModel(bundle, ranker, batcher)
-        self.metrics.set_model(bundle.model_version, previous.model_version if previous else None)
+        self.model = ServingModel(bundle, ranker, batcher, self.name)
+        self.metrics.set_model(
+            self.name, bundle.model_version, previous.model_version if previous else None
+        )
         return previous
 
     def _observe_batch(self, rows: int, _seconds: float) -> None:
@@ -194,7 +195,7 @@ class ModelHolder:
         A refused bundle raises ``BundleError`` (409) and the running model keeps serving;
         a ``path`` outside the reload root raises ``Forbidden`` (403) before anything is read.
         """
-        target = Path(path) if path is not None else self.settings.bundle
+        target = Path(path) if path is not None else self.bundle
         if path is not None:
             self._check_reloadable(target)
         async with self._reload_lock:
@@ -203,7 +204,7 @@ class ModelHolder:
                 bundle, ranker = await asyncio.to_thread(load_serving_model, target, self.settings)
             except BundleError as exc:
                 self.metrics.model_reloads.labels("refused").inc()
-                logger.error("model reload from %s refused: %s", target, exc.message)
+                logger.error("%s: model reload from %s refused: %s", self.name, target, exc.message)
                 raise
             previous = self._install(bundle, ranker)
             self.metrics.model_reloads.labels("ok").inc()
@@ -213,9 +214,11 @@ class ModelHolder:
             del previous  # the old bundle is freed by reference counting (no cycles)
             freeze_heap()  # the new bundle's objects too
             logger.warning(
-                "model reloaded: %s -> %s from %s", old_version, bundle.model_version, target
-            )
+                "%s: model reloaded: %s -> %s from %s",
+                self.name, old_version, bundle.model_version, target,
+            )  # fmt: skip
             return Reloaded(
+                variant=self.name,
                 model_version=bundle.model_version,
                 previous_model_version=old_version,
                 bundle=str(target),
@@ -225,7 +228,7 @@ class ModelHolder:
     def _check_reloadable(self, target: Path) -> None:
         """A reload may only name a bundle inside the reload root: the admin route must not
         read, or tell the existence of, directories elsewhere on the host."""
-        root = (self.settings.reload_root or self.settings.bundle.parent).resolve()
+        root = (self.settings.reload_root or self.bundle.parent).resolve()
         if not target.resolve().is_relative_to(root):
             raise Forbidden(
                 "bundle must be a directory inside the reload root (UNICORN_RELOAD_ROOT; "
@@ -233,9 +236,73 @@ class ModelHolder:
                 field="bundle",
             )
 
+
+class Variants:
+    """The served variants' holders, the split between them, and the shadow's holder."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.specs: tuple[VariantSpec, ...] = settings.variant_specs
+        self.split = VariantSplit(self.specs, settings.variant_salt)
+        self.champion = self.specs[0].name
+        self.holders = {
+            s.name: ModelHolder(settings, metrics, s.name, s.bundle) for s in self.specs
+        }
+        shadow = settings.shadow_bundle
+        self.shadow = None if shadow is None else ModelHolder(settings, metrics, SHADOW, shadow)
+        self._sighup_installed = False
+        self._background: set[asyncio.Task[Any]] = set()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.split.names
+
+    def __iter__(self) -> Iterator[ModelHolder]:
+        yield from self.holders.values()
+        if self.shadow is not None:
+            yield self.shadow
+
+    def choose(self, user_id: str | None, asked: str | None = None) -> ServingModel:
+        """The ``ServingModel`` snapshot that answers: the variant asked for (already
+        validated against ``names``), else the member's."""
+        return self.holders[asked or self.split.assign(user_id)].current()
+
+    def holder(self, name: str | None) -> ModelHolder:
+        """The holder a reload names (``None``: the champion); 404 for an unknown name."""
+        if name is None:
+            return self.holders[self.champion]
+        if name == SHADOW and self.shadow is not None:
+            return self.shadow
+        if name not in self.holders:
+            served = ", ".join((*self.names, *([SHADOW] if self.shadow is not None else [])))
+            raise NotFound(f"variant must be one of {served}; got {name!r}", field="variant")
+        return self.holders[name]
+
+    async def start(self) -> None:
+        """Load every variant (a refused one raises ``BundleError``: the process must not
+        serve), then the shadow, whose refusal only turns shadow scoring off."""
+        for holder in self.holders.values():
+            await holder.start()
+        if self.shadow is not None:
+            try:
+                await self.shadow.start()
+            except BundleError as exc:
+                logger.error("shadow bundle refused, shadow scoring is off: %s", exc.message)
+                self.shadow = None
+        self._install_sighup()
+
+    async def close(self) -> None:
+        self._remove_sighup()
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        for holder in self:
+            await holder.close()
+
     def _install_sighup(self) -> None:
-        """SIGHUP reloads the configured bundle (single-process serving; with several
-        workers uvicorn's supervisor restarts them on SIGHUP, which reloads it too)."""
+        """SIGHUP reloads each holder's configured bundle (single-process serving; with
+        several workers uvicorn's supervisor restarts them on SIGHUP, which reloads too)."""
         if threading.current_thread() is not threading.main_thread():
             return
         try:
@@ -250,12 +317,13 @@ class ModelHolder:
             self._sighup_installed = False
 
     def _on_sighup(self) -> None:
-        logger.warning("SIGHUP: reloading %s", self.settings.bundle)
-        task = asyncio.get_running_loop().create_task(self._reload_quietly())
+        logger.warning("SIGHUP: reloading %s", ", ".join(h.name for h in self))
+        task = asyncio.get_running_loop().create_task(self._reload_all())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _reload_quietly(self) -> None:
+    async def _reload_all(self) -> None:
         # A refused bundle is logged and counted by reload(); the old model keeps serving.
-        with contextlib.suppress(BundleError):
-            await self.reload(None)
+        for holder in self:
+            with contextlib.suppress(BundleError):
+                await holder.reload(None)

@@ -4,9 +4,10 @@
       hit:  cached items + this request's own context        (no scoring, no admission)
       miss/bypass: admission -> retrieve + features -> score -> top-k -> cache set (miss)
 
-The model version is part of the cache key, so a new model never serves the old model's
-entries. ``full`` personalization is never cached (its answers are per member), nor is an
-explained answer (``explain``: it is neither read from nor written to the cache).
+The variant and the model version are part of the cache key, so a new model never serves
+the old model's entries, nor one variant another's. ``full`` personalization is never
+cached (its answers are per member), nor is an explained answer (``explain``: it is
+neither read from nor written to the cache).
 
 Inference runs inline on the event loop when micro-batching is off, or through
 ``app.serving.batching`` when it is on; docs/BENCHMARKS.md measures both. Admission
@@ -41,7 +42,7 @@ from app.serving.cache import (
 )
 from app.serving.config import Settings
 from app.serving.metrics import ServiceMetrics
-from app.serving.model_holder import ModelHolder, ServingModel
+from app.serving.model_holder import ServingModel, Variants
 from app.serving.tracing import Stage
 
 
@@ -51,6 +52,7 @@ class RankOutcome:
 
     items: list[dict[str, Any]]  # entity_id, score, name, entity_type: plain JSON values
     context: Context
+    variant: str
     model_version: str
     personalization: Personalization
     cache: CacheOutcome
@@ -91,7 +93,7 @@ class RankingPipeline:
         self,
         settings: Settings,
         metrics: ServiceMetrics,
-        models: ModelHolder,
+        models: Variants,
         cache: ClusterCache | None,
     ) -> None:
         self.metrics = metrics
@@ -119,11 +121,12 @@ class RankingPipeline:
         started: float | None = None,
         arrived: float | None = None,
     ) -> RankOutcome:
-        """Answer ``q`` on ``model`` (default: the current one). ``started``
+        """Answer ``q`` on ``model`` (default: the member's variant's current one). ``started``
         (``perf_counter``) is when the request began, so the latency includes the parse;
         ``arrived`` when its head was read, where admission's wait runs from."""
         started = time.perf_counter() if started is None else started
-        model = model or self.models.current()
+        model = model or self.models.choose(q.user_id)
+        variant = model.variant
         ranker = model.ranker
         level = q.personalization
         t_impute = time.perf_counter()
@@ -135,6 +138,7 @@ class RankingPipeline:
         if self.cache is not None and level is not Personalization.FULL and not q.explain:
             key = cache_key(
                 CacheKeyParts(
+                    variant=variant,
                     model_version=model.model_version,
                     task=ctx.task.value,
                     query=ctx.query,
@@ -150,7 +154,7 @@ class RankingPipeline:
             t0 = time.perf_counter()
             read = await self.cache.get(key)
             t1 = time.perf_counter()
-            self.metrics.stage_latency.labels("cache").observe(t1 - t0)
+            self.metrics.stage_latency.labels("cache", variant).observe(t1 - t0)
             stages.append(("cache", t0, t1))
 
         items = self._decode(read.value) if read.outcome == "hit" else None
@@ -176,7 +180,7 @@ class RankingPipeline:
                 t0 = time.perf_counter()
                 await self.cache.set(key, orjson.dumps(items))
                 t1 = time.perf_counter()
-                self.metrics.stage_latency.labels("cache").observe(t1 - t0)
+                self.metrics.stage_latency.labels("cache", variant).observe(t1 - t0)
                 stages.append(("cache", t0, t1))
         else:
             unknown = (
@@ -185,12 +189,12 @@ class RankingPipeline:
                 else []
             )
         self.metrics.cache_requests.labels(read.outcome).inc()
-        self.metrics.rank_latency.labels(ctx.task.value, level.value, read.outcome).observe(
-            time.perf_counter() - started
-        )
+        self.metrics.rank_latency.labels(
+            ctx.task.value, level.value, read.outcome, variant
+        ).observe(time.perf_counter() - started)
         return RankOutcome(
-            items, ctx, model.model_version, level, read.outcome, unknown, n_candidates,
-            explanation, stages,
+            items, ctx, variant, model.model_version, level, read.outcome, unknown,
+            n_candidates, explanation, stages,
         )  # fmt: skip
 
     def _decode(self, value: bytes | None) -> list[dict[str, Any]] | None:
@@ -228,8 +232,9 @@ class RankingPipeline:
             stages.append(("retrieve", started, retrieved))
             stages.append(("features", retrieved, retrieved + prepared.timings["features"]))
             stage = self.metrics.stage_latency
-            stage.labels("retrieval").observe(prepared.timings["retrieval"])
-            stage.labels("features").observe(prepared.timings["features"])
+            variant = model.variant
+            stage.labels("retrieval", variant).observe(prepared.timings["retrieval"])
+            stage.labels("features", variant).observe(prepared.timings["features"])
             n = len(prepared.candidates)
             self.metrics.candidates_per_request.observe(n)
             t0 = time.perf_counter()
@@ -244,7 +249,7 @@ class RankingPipeline:
                 scores = self._score_direct(model, prepared.inputs)
             t1 = time.perf_counter()
             prepared.timings["inference"] = t1 - t0
-            stage.labels("inference").observe(prepared.timings["inference"])
+            stage.labels("inference", variant).observe(prepared.timings["inference"])
             stages.append(("score", t0, t1))
             result = model.ranker.finish(prepared, scores)
             stages.append(("top_k", t1, time.perf_counter()))
