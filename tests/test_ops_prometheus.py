@@ -7,7 +7,8 @@ with its rules file), with two changes only: a 1 s scrape and evaluation interva
 test's replicas as static targets of job ``unicorn`` instead of Docker DNS discovery.
 
 Two replicas run, so every dashboard series exists: one with a real Redis (cache hits and
-misses), one whose Redis URL points at a closed port (cache errors, degraded breaker). The
+misses) and a shadow bundle, one whose Redis URL points at a closed port (cache errors,
+degraded breaker) serving two variants. The
 traffic covers every task and personalization level, a cache hit, a 422 and a 404, a model
 reload and a refused one. It is sent in two phases a few scrapes apart, so that ``rate()``
 sees every counter move. Skips only when the ``prometheus`` binary is absent.
@@ -109,12 +110,20 @@ def replicas(
     start_server: Callable[[Settings], LiveServer],
     settings_for: Callable[..., Settings],
     redis_server: RedisServer,
+    fast_bundle: Path,
+    second_bundle: Path,
 ) -> tuple[LiveServer, LiveServer]:
-    cached = start_server(settings_for(redis_url=redis_server.url, admin_token=ADMIN_TOKEN))
+    cached = start_server(
+        settings_for(
+            redis_url=redis_server.url, admin_token=ADMIN_TOKEN,
+            shadow_bundle=second_bundle, shadow_sample_ratio=1.0,  # the shadow panels
+        )
+    )  # fmt: skip
     broken_cache = start_server(
         settings_for(
             redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
             cache_timeout_ms=50, cache_retry_seconds=0.2,
+            variants=f"champion={fast_bundle},challenger={second_bundle}:50",  # variants row
         )
     )  # fmt: skip
     return cached, broken_cache
@@ -237,8 +246,13 @@ def test_prometheus_answers_every_dashboard_query_and_evaluates_the_rules(
     assert float(errors[0]["value"][1]) > 0, "the broken replica counted cache errors"
     (statuses,) = [e for t, e in queries if t == "Error rate by status"]
     assert {s["metric"]["status"] for s in prometheus.query(statuses)} >= {"404", "422"}
-    versions = prometheus.query("count by (model_version) (unicorn_model_info == 1)")
+    first = 'unicorn_model_info{variant=~"default|champion"} == 1'  # each replica's first
+    versions = prometheus.query(f"count by (model_version) ({first})")
     assert [float(v["value"][1]) for v in versions] == [2.0], "both replicas, one version"
+    by_variant = prometheus.query("count by (variant) (unicorn_model_info == 1)")
+    assert {v["metric"]["variant"] for v in by_variant} == {
+        "default", "champion", "challenger", "shadow",
+    }  # fmt: skip
 
     # The replica template variable lists both replicas.
     variable = load_dashboard()["templating"]["list"][0]
