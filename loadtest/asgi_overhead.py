@@ -2,7 +2,7 @@
 directly over ASGI, the default app and the app with the layer on alternating in rounds,
 so both see the same machine (docs/BENCHMARKS.md, "Settings chosen by measurement").
 
-    .venv/bin/python -m loadtest.asgi_overhead                   # CORS, gzip, tracing
+    .venv/bin/python -m loadtest.asgi_overhead     # CORS, gzip, tracing, variants, shadow
     .venv/bin/python -m loadtest.asgi_overhead --rounds 40 --calls 500
 
 The request is what a browser page sends: a search with ``Origin`` and ``Accept-Encoding:
@@ -24,7 +24,9 @@ from typing import Any
 from app.http.main import create_app
 from app.serving.config import Settings
 
-BODY = json.dumps({"task": "search", "query": "sta", "country": "US", "k": 20}).encode()
+BODY = json.dumps(
+    {"task": "search", "query": "sta", "country": "US", "user_id": "u1", "k": 20}
+).encode()
 ORIGIN = "https://app.example.com"
 LAYERS: dict[str, dict[str, Any]] = {
     "default (CORS off, gzip off)": {},
@@ -33,6 +35,12 @@ LAYERS: dict[str, dict[str, Any]] = {
     # every request traced (ratio 1); the collector is a closed port, so the export thread
     # fails in the background and the spans are dropped: the request path's cost alone
     "tracing on": {"otlp_endpoint": "http://127.0.0.1:9/v1/traces"},
+    # two variants of the bundle, half the members each: the split's hash per request
+    "variants on (2)": {"variants": "a={bundle},b={bundle}:50"},
+    # the bundle again as the shadow; its samples are drained after each round, so its
+    # work overlaps only its own round
+    "shadow on (1 in 10)": {"shadow_bundle": "{bundle}", "shadow_sample_ratio": 0.1},
+    "shadow on (every answer)": {"shadow_bundle": "{bundle}", "shadow_sample_ratio": 1.0},
 }
 
 
@@ -67,11 +75,15 @@ async def measure(bundle: Path, rounds: int, calls: int) -> dict[str, list[float
     async with AsyncExitStack() as stack:
         apps = {}
         for name, extra in LAYERS.items():
+            extra = {k: v.format(bundle=bundle) if isinstance(v, str) else v
+                     for k, v in extra.items()}  # fmt: skip
             app = create_app(Settings(bundle=bundle, log_level="WARNING", **extra))
             await stack.enter_async_context(app.router.lifespan_context(app))
             for _ in range(200):  # warm: the first call scores, the rest are hits
                 sent = await call(app)
             assert sent[0]["status"] == 200, sent[0]
+            if app.state.served.shadow is not None:
+                await app.state.served.shadow.drain()
             apps[name] = app
         per_call: dict[str, list[float]] = {name: [] for name in apps}
         for _ in range(rounds):
@@ -80,6 +92,9 @@ async def measure(bundle: Path, rounds: int, calls: int) -> dict[str, list[float
                 for _ in range(calls):
                     await call(app)
                 per_call[name].append((time.perf_counter() - t0) / calls * 1e6)
+                shadow = app.state.served.shadow
+                if shadow is not None:
+                    await shadow.drain()
         return per_call
 
 

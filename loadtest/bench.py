@@ -384,6 +384,19 @@ def run_http_options(runner: HttpRunner, bundle: str) -> None:
         measure("cors", value, 1, "hit", (1, 32), **extra)
     for size in (0, 4096):
         measure("gzip_min_bytes", size, 1, "hit", (1, 32), gzip_min_bytes=size)
+    # Tracing, variants and the shadow off (the default) and on. Tracing: every request
+    # sampled, the collector a closed port (the spans are dropped in the background): the
+    # request path's cost alone. Variants: two of the same bundle, half the members each
+    # (the bodies carry user ids). Shadow: the same bundle again, every answer or one in
+    # ten sampled; on misses too, where its share of a scored answer is smaller.
+    path = str(runner.bundles[bundle].path)
+    for value, extra in (("off", {}), ("on", {"otlp_endpoint": "http://127.0.0.1:9/v1/traces"})):
+        measure("tracing", value, 1, "hit", (1, 32), **extra)
+    for value, extra in (("off", {}), ("on", {"variants": f"a={path},b={path}:50"})):
+        measure("variants", value, 1, "hit", (1, 32), **extra)
+    for case, ratio in itertools.product(("hit", "miss"), ("off", 0.1, 1.0)):
+        shadow: dict[str, Any] = {"shadow_bundle": path, "shadow_sample_ratio": ratio}
+        measure("shadow", ratio, 1, case, (1, 8), **({} if ratio == "off" else shadow))
     # The feedback loop's impression per answer (Parquet files) against events off.
     for case, events in itertools.product(("hit", "miss"), ("off", "on")):
         sink = {"events_dir": str(runner.workdir / f"events-{case}")} if events == "on" else {}
@@ -650,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--render", type=Path, metavar="JSON", help="only re-render the report of a saved run")
     add("--json", type=Path, default=ROOT / "reports/bench.json", help="raw results")
     add("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    add("--block", default="bench", help="the generated block of --out to replace")
     args = parser.parse_args(argv)
     default_bundles = ["demo"] if args.quick else ["demo", "ml", "big"]
     plan = Plan(args.seconds or (1 if args.quick else 2), 120 if args.quick else 300,
@@ -672,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(res, plan.seconds)
     print("\n" + text)
     if not args.no_write:
-        write_block(args.out, "bench", text)
+        write_block(args.out, args.block, text)
     if not args.no_write and args.render is None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(asdict(res), indent=1, default=str))

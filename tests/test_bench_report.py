@@ -89,6 +89,14 @@ def test_off_state_rows_compare_each_option_on_with_its_default() -> None:
         cell("gzip_min_bytes", 0, 1, 1000.0),
         cell("gzip_min_bytes", 4096, 1, 950.0),
     ]
-    cors, gzip = target_off_state(results(http=http))
+    http += [
+        cell("shadow", "off", 1, 1000.0),
+        cell("shadow", 0.1, 1, 980.0),
+        cell("shadow", 1.0, 1, 700.0),
+    ]
+    cors, gzip, shadow = target_off_state(results(http=http))
     assert "CORS" in str(cors[0]) and "goodput 0.90x" in str(cors[1])
     assert "gzip" in str(gzip[0]) and "goodput 0.95x" in str(gzip[1])
+    assert "shadow" in str(shadow[0])
+    assert "hit c1 (0.1): p50 0.50 -> 0.50 ms, goodput 0.98x" in str(shadow[1])
+    assert "hit c1 (1.0): p50 0.50 -> 0.50 ms, goodput 0.70x" in str(shadow[1])
