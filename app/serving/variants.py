@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.core.context import UNKNOWN_USER, clean_user_id
+
 DEFAULT_VARIANT = "default"
 SHADOW = "shadow"  # the shadow bundle's holder; never a served variant
 BUCKETS = 10_000  # a share is set to 0.01% of members
@@ -103,7 +105,9 @@ class VariantSplit:
         return int.from_bytes(digest, "big") % BUCKETS
 
     def assign(self, user_id: str | None) -> str:
-        """The member's variant; no user id: the champion (the first)."""
-        if not user_id:
+        """The member's variant (the id as ``clean_user_id`` keys it, so ``" u42 "`` is
+        ``u42``); logged out: the champion (the first)."""
+        member = clean_user_id(user_id)
+        if member == UNKNOWN_USER:
             return self.names[0]
-        return self.names[bisect.bisect_right(self._bounds, self.bucket(user_id))]
+        return self.names[bisect.bisect_right(self._bounds, self.bucket(member))]
