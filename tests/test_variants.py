@@ -243,3 +243,13 @@ def test_the_documented_example_splits_as_the_docs_say() -> None:
     text = line.removeprefix("UNICORN_VARIANTS=").split()[0]
     specs = parse_variants(text, Path("unused"))
     assert [(s.name, s.percent) for s in specs] == [("champion", 90.0), ("challenger", 10.0)]
+
+
+def test_the_settings_module_loads_no_numpy() -> None:
+    """``loadtest.bench`` sets numpy's BLAS threads after importing the settings: the
+    settings (and the variants' spec rules they apply) must not load numpy."""
+    import subprocess
+    import sys
+
+    code = "import sys, app.serving.config; assert 'numpy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

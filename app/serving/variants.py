@@ -25,8 +25,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.core.context import UNKNOWN_USER, clean_user_id
-
 DEFAULT_VARIANT = "default"
 SHADOW = "shadow"  # the shadow bundle's holder; never a served variant
 BUCKETS = 10_000  # a share is set to 0.01% of members
@@ -92,6 +90,11 @@ class VariantSplit:
     buckets, each variant owning a run of them in the order given."""
 
     def __init__(self, specs: tuple[VariantSpec, ...], salt: str) -> None:
+        # imported here: app.serving.config imports this module, and must not load numpy
+        # (the benchmarks set its thread count first)
+        from app.core.context import UNKNOWN_USER, clean_user_id
+
+        self._clean, self._logged_out = clean_user_id, UNKNOWN_USER
         self.names = tuple(s.name for s in specs)
         self._salt = salt.encode() + b"\x00"
         total, self._bounds = 0.0, []
@@ -107,7 +110,7 @@ class VariantSplit:
     def assign(self, user_id: str | None) -> str:
         """The member's variant (the id as ``clean_user_id`` keys it, so ``" u42 "`` is
         ``u42``); logged out: the champion (the first)."""
-        member = clean_user_id(user_id)
-        if member == UNKNOWN_USER:
+        member = self._clean(user_id)
+        if member == self._logged_out:
             return self.names[0]
         return self.names[bisect.bisect_right(self._bounds, self.bucket(member))]
