@@ -1,20 +1,20 @@
-"""Shadow scoring (app/serving/shadow.py) on a real server: agreement metrics that tell an
-identical model from a disagreeing one, and a shadow that is blocked, failing or refused
-never changes or holds an answer."""
+"""Shadow scoring (app/serving/shadow.py) on a real server with a real shadow process:
+agreement metrics that tell an identical model from a disagreeing one, and a shadow that
+is frozen, killed, failing or refused never changes or holds an answer."""
 
 from __future__ import annotations
 
 import json
-import threading
+import os
+import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import ADMIN_TOKEN, LiveServer, copy_bundle, model_version
 
-from app.serving import shadow as shadow_module
 from app.serving.config import Settings
 from app.serving.shadow import spearman
 
@@ -129,65 +129,96 @@ def test_agreement_tells_an_identical_shadow_from_a_disagreeing_one(
     assert means["reversed"][0] < 0.9 and means["reversed"][1] < 0.0, means
 
 
-@pytest.fixture
-def blocked_shadow(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """The shadow's scoring waits on an event: a shadow that takes forever."""
-    release = threading.Event()
-    real = shadow_module.agreement
-
-    def slow(holder: Any, sample: Any) -> Any:
-        release.wait(60)
-        return real(holder, sample)
-
-    monkeypatch.setattr(shadow_module, "agreement", slow)
-    yield release
-    release.set()
+def _shadow_of(server: LiveServer) -> Any:
+    shadow = server.app.state.served.shadow
+    assert shadow is not None
+    _wait_for(lambda: shadow.model_version is not None, "the shadow process to load its bundle")
+    return shadow
 
 
-def test_a_shadow_that_never_finishes_holds_no_answer_and_drops_what_it_cannot_take(
+def test_a_stopped_shadow_holds_no_answer_and_drops_what_its_queue_cannot_take(
     start_server: Callable[[Settings], LiveServer],
     settings_for: Callable[..., Settings],
     same_scores: Path,
-    blocked_shadow: threading.Event,
     read_metric: Callable[..., float],
 ) -> None:
+    """The shadow process frozen (SIGSTOP: a shadow that takes forever): 20 answers, all
+    as without a shadow; 2 samples wait in the queue, 18 are dropped; once it runs again
+    (SIGCONT) it scores the 2."""
     expected = _answers(start_server(settings_for(cache_enabled=False)), REQUESTS * 5)
     server = start_server(_shadow_settings(settings_for, same_scores, shadow_queue_capacity=2))
-    # 20 answers while the shadow holds its first sample: 1 taken, 2 queued, 17 dropped
-    assert _answers(server, REQUESTS * 5) == expected
-    text = _metrics(server)
-    assert read_metric(text, "unicorn_shadow_requests_total", outcome="dropped") == 17
-    assert read_metric(text, "unicorn_shadow_requests_total", outcome="scored") == 0
-    blocked_shadow.set()
+    shadow = _shadow_of(server)
+    os.kill(shadow.process.pid, signal.SIGSTOP)
+    try:
+        assert _answers(server, REQUESTS * 5) == expected
+        text = _metrics(server)
+        assert read_metric(text, SHADOW_REQUESTS, outcome="dropped") == 18
+        assert read_metric(text, SHADOW_REQUESTS, outcome="scored") == 0
+    finally:
+        os.kill(shadow.process.pid, signal.SIGCONT)
 
-    def three_scored() -> bool:
-        return read_metric(_metrics(server), "unicorn_shadow_requests_total", outcome="scored") == 3
+    def two_scored() -> bool:
+        return read_metric(_metrics(server), SHADOW_REQUESTS, outcome="scored") == 2
 
-    _wait_for(three_scored, "the held and queued samples scored")
+    _wait_for(two_scored, "the queued samples scored")
 
 
-def test_a_failing_shadow_is_counted_and_logged_once_and_answers_are_unchanged(
+def test_a_shadow_process_that_dies_turns_shadow_scoring_off_and_answers_are_unchanged(
     start_server: Callable[[Settings], LiveServer],
     settings_for: Callable[..., Settings],
     same_scores: Path,
-    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
-    read_metric: Callable[..., float],
 ) -> None:
-    def broken(holder: Any, sample: Any) -> Any:
-        raise RuntimeError("shadow model exploded")
-
     expected = _answers(start_server(settings_for(cache_enabled=False)), REQUESTS * 2)
-    monkeypatch.setattr(shadow_module, "agreement", broken)
     server = start_server(_shadow_settings(settings_for, same_scores))
+    shadow = _shadow_of(server)
+    os.kill(shadow.process.pid, signal.SIGKILL)
+    _wait_for(lambda: not shadow.up, "the worker to notice the shadow died")
     assert _answers(server, REQUESTS * 2) == expected
+    with server.client() as client:
+        assert "shadow" not in client.get("/readyz").json()["variants"]
+        reload = client.post(
+            "/admin/reload", json={"variant": "shadow"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )  # fmt: skip
+        assert reload.status_code == 409 and "not running" in reload.json()["error"]["message"]
+    assert any("shadow process exited" in r.getMessage() for r in caplog.records)
 
-    def failed_all() -> bool:
-        return read_metric(_metrics(server), "unicorn_shadow_requests_total", outcome="failed") == 8
 
-    _wait_for(failed_all, "8 failures counted")
+def test_a_sample_the_shadow_fails_on_is_counted_and_logged_once(
+    fast_bundle: Path, settings_for: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shadow process's loop, run here: a sample its ranker raises on is answered
+    ``failed``, the next one is scored; the worker counts 8 failures and logs one line."""
+    import queue
+
+    from app.core.context import Personalization
+    from app.core.ranking import RankQuery
+    from app.serving.metrics import ServiceMetrics
+    from app.serving.shadow import Shadow, ShadowSample, serve_samples
+
+    jobs: queue.Queue[Any] = queue.Queue()
+    results: queue.Queue[Any] = queue.Queue()
+    for sample in (
+        ShadowSample(RankQuery(task="search", query=""), "default", ("v1", "v2")),  # no query
+        ShadowSample(RankQuery(task="prequery", personalization=Personalization.NONE),
+                     "default", ("v1", "v2", "v3")),
+        None,
+    ):  # fmt: skip
+        jobs.put(sample)
+    serve_samples(str(fast_bundle), {}, jobs, results, nice=0)
+    answers = [results.get_nowait() for _ in range(results.qsize())]
+    assert [a[0] for a in answers] == ["ready", "failed", "scored"], answers
+    assert "query" in answers[1][2]
+
+    metrics = ServiceMetrics()
+    shadow = Shadow(settings_for(shadow_bundle=fast_bundle), metrics)
+    for _ in range(8):
+        shadow._handle(answers[1])
+    get = metrics.registry.get_sample_value
+    assert get("unicorn_shadow_requests_total", {"variant": "default", "outcome": "failed"}) == 8
     logged = [r for r in caplog.records if "shadow scoring failed" in r.getMessage()]
-    assert len(logged) == 1 and "exploded" in logged[0].getMessage()
+    assert len(logged) == 1
 
 
 def test_a_refused_shadow_bundle_leaves_the_service_serving_without_a_shadow(
@@ -197,7 +228,9 @@ def test_a_refused_shadow_bundle_leaves_the_service_serving_without_a_shadow(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     server = start_server(_shadow_settings(settings_for, tampered_bundle))
-    assert server.app.state.served.shadow is None
+    shadow = server.app.state.served.shadow
+    _wait_for(lambda: shadow._started.is_set(), "the shadow process to answer")
+    assert not shadow.up and shadow.model_version is None
     assert _answers(server, REQUESTS)
     with server.client() as client:
         assert "shadow" not in client.get("/readyz").json()["variants"]
@@ -212,6 +245,7 @@ def test_the_shadow_reloads_on_its_own(
     fast_bundle: Path,
 ) -> None:
     server = start_server(_shadow_settings(settings_for, same_scores))
+    _shadow_of(server)
     with server.client() as client:
         auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         body = {"variant": "shadow", "bundle": str(reversed_scores)}
@@ -224,11 +258,10 @@ def test_the_shadow_reloads_on_its_own(
 
 
 def test_sampling_takes_the_configured_share(
-    same_scores: Path, fast_bundle: Path, settings_for: Callable[..., Settings]
+    same_scores: Path, settings_for: Callable[..., Settings]
 ) -> None:
     """``offer`` with a seeded draw: about the ratio is queued, nothing when none is
-    asked, and an empty answer is never sampled."""
-    import asyncio
+    asked, and an empty answer is never sampled (no process is started)."""
     import random
 
     from app.core.context import Context, Personalization, Task
@@ -243,14 +276,21 @@ def test_sampling_takes_the_configured_share(
         [], 1,
     )  # fmt: skip
 
-    async def queued(ratio: float, answer: RankOutcome) -> int:
-        shadow = Shadow(None, ServiceMetrics(), ratio, 10_000, random.Random(7).random)  # type: ignore[arg-type]
+    def queued(ratio: float, answer: RankOutcome) -> int:
+        settings = settings_for(
+            shadow_bundle=same_scores, shadow_sample_ratio=ratio, shadow_queue_capacity=10_000
+        )
+        shadow = Shadow(settings, ServiceMetrics(), random.Random(7).random)
+        shadow.up = True
         for _ in range(2000):
             shadow.offer(RankQuery(task="prequery"), answer)
-        return shadow.queue.qsize()
+        time.sleep(0.2)  # the queue's feeder thread
+        n = int(shadow.jobs.qsize())
+        shadow.jobs.cancel_join_thread()
+        return n
 
-    assert 150 < asyncio.run(queued(0.1, outcome)) < 250
-    assert asyncio.run(queued(0.0, outcome)) == 0
-    assert asyncio.run(queued(1.0, outcome)) == 2000
+    assert 150 < queued(0.1, outcome) < 250
+    assert queued(0.0, outcome) == 0
+    assert queued(1.0, outcome) == 2000
     empty = RankOutcome([], ctx, "default", "m", Personalization.NONE, "miss", [], 0)
-    assert asyncio.run(queued(1.0, empty)) == 0
+    assert queued(1.0, empty) == 0

@@ -119,11 +119,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 f"cannot start: bundle {settings.bundle} is refused: {exc.message}"
             ) from None
         logger.info("cache: %s", settings.cache_backend)
-        if models.shadow is not None:
-            served.shadow = Shadow(
-                models.shadow, metrics, settings.shadow_sample_ratio,
-                settings.shadow_queue_capacity,
-            )  # fmt: skip
+        if settings.shadow_bundle is not None:  # its own process; loads while we serve
+            served.shadow = models.shadow = Shadow(settings, metrics)
             served.shadow.start()
         app.state.served = served
         if served.feedback is not None:

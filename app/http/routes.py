@@ -227,12 +227,15 @@ async def readyz(request: Request) -> JsonResponse:
     else:
         models = {h.name: h.model for h in served.models}
         model = models[served.models.champion]
+        shadow = served.shadow
+        shadow_version = shadow.model_version if shadow is not None and shadow.up else None
         probe = await served.pipeline.cache_ok()
         cache: CacheState = "off" if probe is None else ("ok" if probe else "degraded")
         ready = Ready(
             status="ready" if model is not None and not served.stopping else "not_ready",
             model_version=model.model_version if model else None,
-            variants={n: m.model_version for n, m in models.items() if m is not None},
+            variants={n: m.model_version for n, m in models.items() if m is not None}
+            | ({} if shadow_version is None else {"shadow": shadow_version}),
             cache=cache,
             cache_backend=served.settings.cache_backend,
         )

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -129,6 +129,19 @@ def load_serving_model(path: Path, settings: Settings) -> tuple[Bundle, Ranker]:
     return bundle, ranker
 
 
+def check_reloadable(settings: Settings, configured: Path, target: Path) -> None:
+    """A reload may only name a bundle inside the reload root (default: the directory of
+    the ``configured`` bundle): the admin route must not read, or tell the existence of,
+    directories elsewhere on the host."""
+    root = (settings.reload_root or configured.parent).resolve()
+    if not target.resolve().is_relative_to(root):
+        raise Forbidden(
+            "bundle must be a directory inside the reload root (UNICORN_RELOAD_ROOT; "
+            "unset: the directory of the configured bundle)",
+            field="bundle",
+        )
+
+
 def freeze_heap() -> None:
     """Collect, then move every object alive now (imports, the app, the loaded bundle) out
     of the cyclic collector's generations (``gc.freeze``). A full collection otherwise
@@ -197,7 +210,7 @@ class ModelHolder:
         """
         target = Path(path) if path is not None else self.bundle
         if path is not None:
-            self._check_reloadable(target)
+            check_reloadable(self.settings, self.bundle, target)
         async with self._reload_lock:
             started = time.perf_counter()
             try:
@@ -225,20 +238,19 @@ class ModelHolder:
                 seconds=round(time.perf_counter() - started, 3),
             )
 
-    def _check_reloadable(self, target: Path) -> None:
-        """A reload may only name a bundle inside the reload root: the admin route must not
-        read, or tell the existence of, directories elsewhere on the host."""
-        root = (self.settings.reload_root or self.bundle.parent).resolve()
-        if not target.resolve().is_relative_to(root):
-            raise Forbidden(
-                "bundle must be a directory inside the reload root (UNICORN_RELOAD_ROOT; "
-                "unset: the directory of the configured bundle)",
-                field="bundle",
-            )
+
+class Reloadable(Protocol):
+    """What ``POST /admin/reload`` and SIGHUP reload: a variant's holder, or the shadow
+    (``app.serving.shadow.Shadow``, in its own process)."""
+
+    name: str
+
+    async def reload(self, path: Path | None = None) -> Reloaded: ...
 
 
 class Variants:
-    """The served variants' holders, the split between them, and the shadow's holder."""
+    """The served variants' holders and the split between them; the shadow, when the app
+    has one, is reloaded with them."""
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
         self.settings = settings
@@ -248,8 +260,7 @@ class Variants:
         self.holders = {
             s.name: ModelHolder(settings, metrics, s.name, s.bundle) for s in self.specs
         }
-        shadow = settings.shadow_bundle
-        self.shadow = None if shadow is None else ModelHolder(settings, metrics, SHADOW, shadow)
+        self.shadow: Reloadable | None = None  # set by the app once its shadow runs
         self._sighup_installed = False
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -259,36 +270,31 @@ class Variants:
 
     def __iter__(self) -> Iterator[ModelHolder]:
         yield from self.holders.values()
-        if self.shadow is not None:
-            yield self.shadow
+
+    def reloadables(self) -> list[Reloadable]:
+        return [*self.holders.values(), *([self.shadow] if self.shadow is not None else [])]
 
     def choose(self, user_id: str | None, asked: str | None = None) -> ServingModel:
         """The ``ServingModel`` snapshot that answers: the variant asked for (already
         validated against ``names``), else the member's."""
         return self.holders[asked or self.split.assign(user_id)].current()
 
-    def holder(self, name: str | None) -> ModelHolder:
-        """The holder a reload names (``None``: the champion); 404 for an unknown name."""
+    def holder(self, name: str | None) -> Reloadable:
+        """What a reload names (``None``: the champion); 404 for an unknown name."""
         if name is None:
             return self.holders[self.champion]
         if name == SHADOW and self.shadow is not None:
             return self.shadow
         if name not in self.holders:
-            served = ", ".join((*self.names, *([SHADOW] if self.shadow is not None else [])))
+            served = ", ".join(r.name for r in self.reloadables())
             raise NotFound(f"variant must be one of {served}; got {name!r}", field="variant")
         return self.holders[name]
 
     async def start(self) -> None:
         """Load every variant (a refused one raises ``BundleError``: the process must not
-        serve), then the shadow, whose refusal only turns shadow scoring off."""
+        serve)."""
         for holder in self.holders.values():
             await holder.start()
-        if self.shadow is not None:
-            try:
-                await self.shadow.start()
-            except BundleError as exc:
-                logger.error("shadow bundle refused, shadow scoring is off: %s", exc.message)
-                self.shadow = None
         self._install_sighup()
 
     async def close(self) -> None:
@@ -301,8 +307,8 @@ class Variants:
             await holder.close()
 
     def _install_sighup(self) -> None:
-        """SIGHUP reloads each holder's configured bundle (single-process serving; with
-        several workers uvicorn's supervisor restarts them on SIGHUP, which reloads too)."""
+        """SIGHUP reloads each configured bundle, the shadow's too (single-process serving;
+        with several workers uvicorn's supervisor restarts them on SIGHUP, which reloads)."""
         if threading.current_thread() is not threading.main_thread():
             return
         try:
@@ -317,13 +323,13 @@ class Variants:
             self._sighup_installed = False
 
     def _on_sighup(self) -> None:
-        logger.warning("SIGHUP: reloading %s", ", ".join(h.name for h in self))
+        logger.warning("SIGHUP: reloading %s", ", ".join(r.name for r in self.reloadables()))
         task = asyncio.get_running_loop().create_task(self._reload_all())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _reload_all(self) -> None:
         # A refused bundle is logged and counted by reload(); the old model keeps serving.
-        for holder in self:
+        for target in self.reloadables():
             with contextlib.suppress(BundleError):
-                await holder.reload(None)
+                await target.reload(None)

@@ -1,14 +1,14 @@
-"""Shadow scoring: a candidate bundle ranks a sample of live requests off the request path,
-and its agreement with the variant that answered is exported to Prometheus.
+"""Shadow scoring: a candidate bundle ranks a sample of live requests in a process of its
+own, and its agreement with the variant that answered is exported to Prometheus.
 
-``UNICORN_SHADOW_BUNDLE`` names the bundle (loaded, verified and warmed like a variant, by
-the ``shadow`` holder of ``app.serving.model_holder.Variants``). After a ``/rank`` answer
-is built, ``offer`` samples it (``UNICORN_SHADOW_SAMPLE_RATIO``) into a bounded queue and
-returns at once: when the queue is full (``UNICORN_SHADOW_QUEUE_CAPACITY``) the sample is
-dropped and counted, never waited for. One task takes the samples in turn and ranks each
-in a worker thread, so a slow or failing shadow never holds an answer; what it does share
-is the worker's CPU (and, for its Python feature code, the interpreter lock), which is why
-it samples: docs/BENCHMARKS.md measures the cost.
+``UNICORN_SHADOW_BUNDLE`` names the bundle. Each serving worker starts one shadow process
+(``spawn``, ``nice`` 19: it gets only the CPU the workers leave), which loads, verifies
+and warms the bundle as a variant's holder does. After a ``/rank`` answer is built,
+``offer`` samples it (``UNICORN_SHADOW_SAMPLE_RATIO``) into a bounded queue to that
+process and returns at once: when the queue is full (``UNICORN_SHADOW_QUEUE_CAPACITY``)
+the sample is dropped and counted, never waited for. A slow, failing or dead shadow
+therefore never holds or changes an answer, and its Python code never holds the
+worker's interpreter lock.
 
 Per sample, the shadow ranks the same request twice:
 
@@ -17,28 +17,45 @@ Per sample, the shadow ranks the same request twice:
 * on the served items as the candidates, for the **rank correlation**: Spearman's rho of
   the served order and the shadow's order of the same items (those its catalogue knows;
   fewer than two: not recorded).
+
+A thread of the worker reads the process's results into the metrics. The shadow reloads
+as the variant ``shadow`` (``POST /admin/reload``, SIGHUP): the process loads the new
+bundle between samples and keeps the old one when the new one is refused. A shadow that
+is refused at start, or whose process dies, is logged and leaves shadow scoring off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import multiprocessing
+import os
+import queue
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from app.core.ranking import RankQuery
+from app.core.errors import BundleError
+from app.core.ranking import Ranker, RankQuery
+from app.serving.config import Settings
 from app.serving.metrics import ServiceMetrics
-from app.serving.model_holder import ModelHolder
+from app.serving.model_holder import Reloaded, check_reloadable, load_serving_model
 from app.serving.pipeline import RankOutcome
+from app.serving.variants import SHADOW
 
 logger = logging.getLogger("unicorn.shadow")
 
 TOP = 10
 LOG_EVERY = 1000  # a failing shadow logs its 1st, 1001st... failure, not each one
+NICE = 19
+RELOAD_TIMEOUT_S = 300.0
+POLL_S = 0.5  # how often the reader looks whether the process is still alive
 
 
 @dataclass(frozen=True)
@@ -64,9 +81,8 @@ def spearman(served_positions: list[int]) -> float:
     return 1.0 - 6.0 * d2 / (n * (n * n - 1))
 
 
-def agreement(holder: ModelHolder, sample: ShadowSample) -> Agreement:
-    """The shadow's two rankings of ``sample`` (blocking: runs in a worker thread)."""
-    ranker = holder.current().ranker
+def agreement(ranker: Ranker, sample: ShadowSample) -> Agreement:
+    """The shadow's two rankings of ``sample``."""
     served = sample.served
     own = ranker.rank(replace(sample.query, k=len(served)))
     top = min(TOP, len(served))
@@ -78,78 +94,208 @@ def agreement(holder: ModelHolder, sample: ShadowSample) -> Agreement:
     return Agreement(overlap, spearman(known) if len(known) >= 2 else None)
 
 
+# --- the shadow process -------------------------------------------------------------------
+def _load(path: str, options: dict[str, Any]) -> tuple[Ranker, str]:
+    _bundle, ranker = load_serving_model(Path(path), Settings(bundle=Path(path), **options))
+    return ranker, ranker.model_version
+
+
+def serve_samples(
+    path: str, options: dict[str, Any], jobs: Any, results: Any, nice: int = NICE
+) -> None:
+    """The shadow process: load the bundle, then answer each job of ``jobs`` on
+    ``results`` until ``None``. Jobs: a ``ShadowSample`` -> ``("scored", variant, overlap,
+    correlation, seconds)`` or ``("failed", variant, error)``; ``("reload", path)`` ->
+    ``("reloaded", version)`` or ``("refused", message)``."""
+    with contextlib.suppress(OSError):
+        os.nice(nice)
+    try:
+        ranker, version = _load(path, options)
+    except BundleError as exc:
+        results.put(("refused", exc.message))
+        return
+    results.put(("ready", version))
+    while (job := jobs.get()) is not None:
+        if isinstance(job, tuple):  # ("reload", path)
+            try:
+                ranker, version = _load(job[1], options)
+            except BundleError as exc:
+                results.put(("refused", exc.message))
+            else:
+                results.put(("reloaded", version))
+            continue
+        started = time.perf_counter()
+        try:
+            result = agreement(ranker, job)
+        except Exception as exc:  # a failing shadow is counted, never propagated
+            results.put(("failed", job.variant, f"{type(exc).__name__}: {exc}"))
+            continue
+        seconds = time.perf_counter() - started
+        results.put(("scored", job.variant, result.overlap, result.correlation, seconds))
+
+
 class Shadow:
-    """The bounded queue of samples and the one task that scores them."""
+    """The worker's side of the shadow process: the sampling, the bounded queue to it, a
+    thread reading its results into the metrics, and its reload."""
+
+    name = SHADOW
 
     def __init__(
         self,
-        holder: ModelHolder,
+        settings: Settings,
         metrics: ServiceMetrics,
-        sample_ratio: float,
-        capacity: int,
         draw: Callable[[], float] = random.random,
+        target: Callable[..., None] = serve_samples,
     ) -> None:
-        self.holder = holder
+        assert settings.shadow_bundle is not None
+        self.settings = settings
+        self.bundle = settings.shadow_bundle
         self.metrics = metrics
-        self.sample_ratio = sample_ratio
+        self.sample_ratio = settings.shadow_sample_ratio
         self.draw = draw
-        self.queue: asyncio.Queue[ShadowSample] = asyncio.Queue(capacity)
+        self.up = False  # scoring: loaded and alive
+        self.model_version: str | None = None
         self.failures = 0
-        self._task: asyncio.Task[Any] | None = None
+        context = multiprocessing.get_context("spawn")
+        self.jobs: Any = context.Queue(settings.shadow_queue_capacity)
+        self.results: Any = context.Queue()
+        options = {
+            "ort_intra_op_threads": settings.ort_intra_op_threads,
+            "ort_inter_op_threads": settings.ort_inter_op_threads,
+            "max_retrieved": settings.max_retrieved,
+        }
+        self.process = context.Process(
+            target=target, args=(str(self.bundle), options, self.jobs, self.results),
+            name="unicorn-shadow", daemon=True,
+        )  # fmt: skip
+        self._started = threading.Event()  # the first answer: ready or refused
+        self._reload: concurrent.futures.Future[str] | None = None
+        self._reload_lock = asyncio.Lock()
+        self._reader = threading.Thread(
+            target=self._read, name="unicorn-shadow-reader", daemon=True
+        )
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        """Start the process; it loads the bundle while the worker serves (samples offered
+        meanwhile wait in the queue)."""
+        self.up = True
+        self.process.start()
+        self._reader.start()
 
     async def close(self) -> None:
-        """Stop scoring; samples still queued are dropped (they are only measurements)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self.up = False
+        with contextlib.suppress(queue.Full, ValueError, OSError):
+            self.jobs.put_nowait(None)
+        await asyncio.to_thread(self.process.join, 5)
+        if self.process.is_alive():
+            self.process.kill()
+            await asyncio.to_thread(self.process.join, 5)
+        await asyncio.to_thread(self._reader.join, 5)
+        for q in (self.jobs, self.results):
+            q.cancel_join_thread()  # samples still queued are only measurements
+            q.close()
+
+    async def wait_started(self, timeout: float = 60.0) -> bool:
+        """Whether the bundle loaded (False: refused, or no answer within ``timeout``)."""
+        await asyncio.to_thread(self._started.wait, timeout)
+        return self.model_version is not None and self.up
 
     def offer(self, q: RankQuery, outcome: RankOutcome) -> None:
         """Sample an answer for the shadow; never waits (a full queue drops it)."""
-        if not outcome.items or (self.sample_ratio < 1.0 and self.draw() >= self.sample_ratio):
+        if not self.up or not outcome.items:
+            return
+        if self.sample_ratio < 1.0 and self.draw() >= self.sample_ratio:
             return
         served = tuple(str(item["entity_id"]) for item in outcome.items)
         sample = ShadowSample(replace(q, explain=False), outcome.variant, served)
         try:
-            self.queue.put_nowait(sample)
-        except asyncio.QueueFull:
+            self.jobs.put_nowait(sample)
+        except queue.Full:
             self.metrics.shadow_requests.labels(outcome.variant, "dropped").inc()
 
-    async def drain(self) -> None:
-        """Wait until every queued sample is scored (benchmarks: the next measurement must
-        not share the CPU with this one's samples)."""
-        await self.queue.join()
-
-    async def _run(self) -> None:
-        while True:
-            sample = await self.queue.get()
+    async def reload(self, path: Path | None = None) -> Reloaded:
+        """Have the process load ``path`` (default: the configured shadow bundle) after the
+        samples queued before it; a refused bundle raises ``BundleError`` and the process
+        keeps the bundle it had."""
+        target = Path(path) if path is not None else self.bundle
+        if path is not None:
+            check_reloadable(self.settings, self.bundle, target)
+        if not self.up:
+            raise BundleError("the shadow is not running (refused at start, or died)", "variant")
+        async with self._reload_lock:
+            started = time.perf_counter()
+            previous = self.model_version or ""
+            self._reload = concurrent.futures.Future()
+            await asyncio.to_thread(self.jobs.put, ("reload", str(target)), True, RELOAD_TIMEOUT_S)
             try:
-                await self._score(sample)
-            finally:
-                self.queue.task_done()
+                version = await asyncio.wait_for(
+                    asyncio.wrap_future(self._reload), RELOAD_TIMEOUT_S
+                )
+            except BundleError as exc:
+                self.metrics.model_reloads.labels("refused").inc()
+                logger.error("shadow: model reload from %s refused: %s", target, exc.message)
+                raise
+            self.metrics.model_reloads.labels("ok").inc()
+            logger.warning("shadow: model reloaded: %s -> %s from %s", previous, version, target)
+            return Reloaded(
+                variant=SHADOW, model_version=version, previous_model_version=previous,
+                bundle=str(target), seconds=round(time.perf_counter() - started, 3),
+            )  # fmt: skip
 
-    async def _score(self, sample: ShadowSample) -> None:
-        started = time.perf_counter()
-        try:
-            result = await asyncio.to_thread(agreement, self.holder, sample)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a failing shadow is counted, never propagated
-            self.metrics.shadow_requests.labels(sample.variant, "failed").inc()
+    # --- the reader thread ----------------------------------------------------------------
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self.results.get(timeout=POLL_S)
+            except queue.Empty:
+                if self.process.is_alive():
+                    continue
+                self._died()
+                return
+            except (EOFError, OSError, ValueError):
+                self._died()
+                return
+            self._handle(message)
+            if message[0] == "refused" and not self._started.is_set():
+                return
+
+    def _handle(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "scored":
+            _, variant, overlap, correlation, seconds = message
+            self.metrics.shadow_latency.labels(variant).observe(seconds)
+            self.metrics.shadow_requests.labels(variant, "scored").inc()
+            self.metrics.shadow_overlap.labels(variant).observe(overlap)
+            if correlation is not None:
+                self.metrics.shadow_correlation.labels(variant).observe(correlation)
+        elif kind == "failed":
+            _, variant, error = message
+            self.metrics.shadow_requests.labels(variant, "failed").inc()
             if self.failures % LOG_EVERY == 0:
-                logger.warning(
-                    "shadow scoring failed (%d so far): %s: %s",
-                    self.failures + 1, type(exc).__name__, exc,
-                )  # fmt: skip
+                logger.warning("shadow scoring failed (%d so far): %s", self.failures + 1, error)
             self.failures += 1
-            return
-        variant = sample.variant
-        self.metrics.shadow_latency.labels(variant).observe(time.perf_counter() - started)
-        self.metrics.shadow_requests.labels(variant, "scored").inc()
-        self.metrics.shadow_overlap.labels(variant).observe(result.overlap)
-        if result.correlation is not None:
-            self.metrics.shadow_correlation.labels(variant).observe(result.correlation)
+        elif kind in ("ready", "reloaded"):
+            previous, self.model_version = self.model_version, message[1]
+            self.metrics.set_model(SHADOW, message[1], previous)
+            if kind == "ready":
+                logger.info("shadow: scoring with model %s from %s", message[1], self.bundle)
+                self._started.set()
+            elif self._reload is not None:
+                self._reload.set_result(message[1])
+        elif kind == "refused":
+            if not self._started.is_set():
+                self.up = False
+                logger.error("shadow bundle refused, shadow scoring is off: %s", message[1])
+                self._started.set()
+            elif self._reload is not None:
+                self._reload.set_exception(BundleError(message[1], "bundle"))
+
+    def _died(self) -> None:
+        if self.up:
+            self.up = False
+            logger.error(
+                "shadow process exited (code %s): shadow scoring is off", self.process.exitcode
+            )
+        self._started.set()
+        if self._reload is not None and not self._reload.done():
+            self._reload.set_exception(BundleError("the shadow process exited", "variant"))
