@@ -2,7 +2,7 @@
 directly over ASGI, the default app and the app with the layer on alternating in rounds,
 so both see the same machine (docs/BENCHMARKS.md, "Settings chosen by measurement").
 
-    .venv/bin/python -m loadtest.asgi_overhead     # CORS, gzip, tracing, variants, shadow
+    .venv/bin/python -m loadtest.asgi_overhead          # CORS, gzip, tracing, variants
     .venv/bin/python -m loadtest.asgi_overhead --rounds 40 --calls 500
 
 The request is what a browser page sends: a search with ``Origin`` and ``Accept-Encoding:
@@ -37,11 +37,7 @@ LAYERS: dict[str, dict[str, Any]] = {
     "tracing on": {"otlp_endpoint": "http://127.0.0.1:9/v1/traces"},
     # two variants of the bundle, half the members each: the split's hash per request
     "variants on (2)": {"variants": "a={bundle},b={bundle}:50"},
-    # the bundle again as the shadow; its samples are drained after each round, so its
-    # work overlaps only its own round
-    "shadow on (1 in 10)": {"shadow_bundle": "{bundle}", "shadow_sample_ratio": 0.1},
-    "shadow on (every answer)": {"shadow_bundle": "{bundle}", "shadow_sample_ratio": 1.0},
-}
+}  # the shadow runs in a process of its own: make bench's shadow cells measure it
 
 
 def scope() -> dict[str, Any]:
@@ -82,8 +78,6 @@ async def measure(bundle: Path, rounds: int, calls: int) -> dict[str, list[float
             for _ in range(200):  # warm: the first call scores, the rest are hits
                 sent = await call(app)
             assert sent[0]["status"] == 200, sent[0]
-            if app.state.served.shadow is not None:
-                await app.state.served.shadow.drain()
             apps[name] = app
         per_call: dict[str, list[float]] = {name: [] for name in apps}
         for _ in range(rounds):
@@ -92,9 +86,6 @@ async def measure(bundle: Path, rounds: int, calls: int) -> dict[str, list[float
                 for _ in range(calls):
                     await call(app)
                 per_call[name].append((time.perf_counter() - t0) / calls * 1e6)
-                shadow = app.state.served.shadow
-                if shadow is not None:
-                    await shadow.drain()
         return per_call
 
 

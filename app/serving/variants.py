@@ -110,6 +110,8 @@ class VariantSplit:
     def assign(self, user_id: str | None) -> str:
         """The member's variant (the id as ``clean_user_id`` keys it, so ``" u42 "`` is
         ``u42``); logged out: the champion (the first)."""
+        if len(self.names) == 1:  # one variant (the default): nothing to hash
+            return self.names[0]
         member = self._clean(user_id)
         if member == self._logged_out:
             return self.names[0]
