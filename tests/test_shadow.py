@@ -294,3 +294,56 @@ def test_sampling_takes_the_configured_share(
     assert queued(1.0, outcome) == 2000
     empty = RankOutcome([], ctx, "default", "m", Personalization.NONE, "miss", [], 0)
     assert queued(1.0, empty) == 0
+
+
+def test_each_worker_has_a_shadow_that_dies_with_it(fast_bundle: Path, tmp_path: Path) -> None:
+    """``unicorn serve`` with 2 workers: a shadow process under each, scoring for both
+    (the metrics add up the workers); a worker killed with SIGKILL takes its shadow with
+    it, the supervisor's new worker starts its own, and stopping leaves none."""
+    import httpx
+    import psutil
+
+    from loadtest.processes import ServiceProcess, metric, wait_until
+
+    settings = {"bundle": fast_bundle, "workers": 2, "shadow_bundle": fast_bundle,
+                "shadow_sample_ratio": 1.0, "cache_enabled": False}  # fmt: skip
+    server = ServiceProcess(settings, log_path=tmp_path / "server.log").start()
+    first: set[int] = set()
+    later: set[int] = set()
+
+    def shadows() -> list[psutil.Process]:
+        return [
+            c for w in server.worker_processes() for c in w.children()
+            if any("spawn_main" in a for a in c.cmdline()) and c.nice() == 19
+        ]  # fmt: skip
+
+    try:
+        wait_until(lambda: len(shadows()) == 2, 60)
+        first = {p.pid for p in shadows()}
+
+        def scored() -> float:
+            with httpx.Client(base_url=server.url, timeout=10) as client:
+                for body in REQUESTS:
+                    assert client.post("/rank", json=body).status_code == 200
+            text = server.metrics()
+            return metric(text, SHADOW_REQUESTS, variant="default", outcome="scored")
+
+        wait_until(lambda: scored() >= 8, 60, poll_s=0.2)
+        victim = server.worker_processes()[0]
+        (its_shadow,) = [c for c in victim.children() if c.pid in first]
+        victim.kill()
+        wait_until(lambda: _gone(its_shadow.pid), 30)
+        wait_until(lambda: len(shadows()) == 2 and {p.pid for p in shadows()} != first, 120)
+        later = {p.pid for p in shadows()}
+    finally:
+        server.stop()
+    wait_until(lambda: all(_gone(pid) for pid in first | later), 30)
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

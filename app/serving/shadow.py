@@ -100,6 +100,18 @@ def _load(path: str, options: dict[str, Any]) -> tuple[Ranker, str]:
     return ranker, ranker.model_version
 
 
+def _exit_with(parent: int) -> None:
+    """End this process when its worker is gone: a worker killed with SIGKILL (OOM, a
+    supervisor's restart) leaves no shadow behind it holding a bundle in memory."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="unicorn-shadow-parent", daemon=True).start()
+
+
 def serve_samples(
     path: str, options: dict[str, Any], jobs: Any, results: Any, nice: int = NICE
 ) -> None:
@@ -109,6 +121,7 @@ def serve_samples(
     ``("reloaded", version)`` or ``("refused", message)``."""
     with contextlib.suppress(OSError):
         os.nice(nice)
+    _exit_with(os.getppid())
     try:
         ranker, version = _load(path, options)
     except BundleError as exc:
