@@ -47,7 +47,7 @@ ML_DATA = ROOT.parent / "shared" / "datasets" / "ml-latest-small"
 HIT_SET, MISS_SET = 100, 600  # distinct bodies per task in a cache-hit / cache-miss run
 MISS_TTL_S = 0.001  # a miss still pays the cache get + set; the key never comes back in 1 ms
 CONCURRENCY = (1, 8, 32)
-SECTIONS = ("inprocess", "sessions", "http", "options", "scale", "peer")
+SECTIONS = ("inprocess", "sessions", "http", "options", "features", "scale", "peer")
 Say = Callable[[str], None]
 Bundles = dict[str, Any]  # name -> app.core.bundle.Bundle
 
@@ -384,23 +384,48 @@ def run_http_options(runner: HttpRunner, bundle: str) -> None:
         measure("cors", value, 1, "hit", (1, 32), **extra)
     for size in (0, 4096):
         measure("gzip_min_bytes", size, 1, "hit", (1, 32), gzip_min_bytes=size)
-    # Tracing, variants and the shadow off (the default) and on. Tracing: every request
-    # sampled, the collector a closed port (the spans are dropped in the background): the
-    # request path's cost alone. Variants: two of the same bundle, half the members each
-    # (the bodies carry user ids). Shadow: the same bundle again, every answer or one in
-    # ten sampled; on misses too, where its share of a scored answer is smaller.
-    path = str(runner.bundles[bundle].path)
-    for value, extra in (("off", {}), ("on", {"otlp_endpoint": "http://127.0.0.1:9/v1/traces"})):
-        measure("tracing", value, 1, "hit", (1, 32), **extra)
-    for value, extra in (("off", {}), ("on", {"variants": f"a={path},b={path}:50"})):
-        measure("variants", value, 1, "hit", (1, 32), **extra)
-    for case, ratio in itertools.product(("hit", "miss"), ("off", 0.1, 1.0)):
-        shadow: dict[str, Any] = {"shadow_bundle": path, "shadow_sample_ratio": ratio}
-        measure("shadow", ratio, 1, case, (1, 8), **({} if ratio == "off" else shadow))
     # The feedback loop's impression per answer (Parquet files) against events off.
     for case, events in itertools.product(("hit", "miss"), ("off", "on")):
         sink = {"events_dir": str(runner.workdir / f"events-{case}")} if events == "on" else {}
         measure("events", events, 1, case, (1, 32), **sink)
+
+
+def run_http_features(runner: HttpRunner, bundle: str) -> None:
+    """Tracing, variants, the shadow and explain, each off (the default) and on, in one
+    run: search, N=500, one worker, in-process cache."""
+    files = {case: runner.bodies(bundle, "search", case) for case in ("miss", "hit")}
+    hits, misses = files["hit"], files["miss"]
+    assert hits is not None and misses is not None
+
+    def measure(option: str, value: Any, case: str, concs: Iterable[int], **settings: Any) -> None:
+        bodies = files[case]
+        assert bodies is not None
+        with runner.server(bundle, TARGET_N, case, "memory", 1, **settings) as srv:
+            runner.warm(srv, "/rank", bodies, 1 if case == "hit" else 0)
+            runner.cells(srv, "/rank", bodies, concs, "search", case, option=option, value=value)
+
+    # Tracing: every request sampled, the collector a closed port (the spans are dropped in
+    # the background): the request path's cost alone.
+    for value, extra in (("off", {}), ("on", {"otlp_endpoint": "http://127.0.0.1:9/v1/traces"})):
+        measure("tracing", value, "hit", (1, 32), **extra)
+    # Variants: two of the same bundle, half the members each (the bodies carry user ids).
+    path = str(runner.bundles[bundle].path)
+    for value, extra in (("off", {}), ("on", {"variants": f"a={path},b={path}:50"})):
+        measure("variants", value, "hit", (1, 32), **extra)
+    # The shadow: the same bundle again, every answer or one in ten sampled; on misses too,
+    # where its share of a scored answer is smaller.
+    for case, ratio in itertools.product(("hit", "miss"), ("off", 0.1, 1.0)):
+        shadow: dict[str, Any] = {"shadow_bundle": path, "shadow_sample_ratio": ratio}
+        measure("shadow", ratio, case, (1, 8), **({} if ratio == "off" else shadow))
+    # Explain: the same misses with "explain": true, on one server (never cached: bypass).
+    explained = processes.write_bodies(
+        runner.workdir / f"{bundle}-search-miss-explain.jsonl",
+        ({**json.loads(line), "explain": True} for line in misses.read_text().splitlines()),
+    )
+    with runner.server(bundle, TARGET_N, "miss", "memory", 1) as srv:
+        for value, bodies, intended in (("off", misses, "miss"), ("on", explained, "bypass")):
+            runner.cells(srv, "/rank", bodies, (1, 8), "search", intended, option="explain",
+                         value=value)  # fmt: skip
 
 
 def run_scale(res: Results, runner: HttpRunner, plan: Plan, say: Say) -> None:
@@ -632,6 +657,8 @@ def measure(res: Results, plan: Plan, sections: list[str], say: Say) -> None:
                 run_http_grid(runner, name)
             if demo is not None and "options" in sections:
                 run_http_options(runner, "demo")
+            if demo is not None and "features" in sections:
+                run_http_features(runner, "demo")
             if demo is not None and "scale" in sections and "big" in bundles:
                 run_scale(res, runner, plan, say)
             elif demo is not None and "scale" in sections:

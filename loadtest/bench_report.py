@@ -652,7 +652,7 @@ def target_events(res: Results) -> Rows:
 OFF_STATE_OPTIONS = (
     ("cors", "off", "CORS"), ("gzip_min_bytes", 0, "the gzip layer"),
     ("tracing", "off", "tracing"), ("variants", "off", "two variants"),
-    ("shadow", "off", "shadow scoring"),
+    ("shadow", "off", "shadow scoring"), ("explain", "off", "explain"),
 )  # fmt: skip
 
 
