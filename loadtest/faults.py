@@ -359,14 +359,30 @@ OPEN_LOOP_RATE = 250.0  # req/s the open-loop overload offers (the Python client
 OPEN_LOOP_RETRIEVED = 2000  # candidates per request: more than one worker serves
 
 
+def rank_records(log: str) -> list[dict[str, Any]]:
+    """The access-log records of ``/rank`` calls in a server's ``log`` (JSON lines)."""
+    return [orjson.loads(x) for x in log.splitlines() if '"route":"/rank"' in x]
+
+
+def handling_ms(log: str) -> dict[int, list[float]]:
+    """The server's own handling time of each ``/rank`` call logged on its own line, by
+    status (a door's summary line of refusals, ``"refused": N``, has none: ``logged``)."""
+    out: dict[int, list[float]] = {}
+    for record in rank_records(log):
+        if "latency_ms" in record:
+            out.setdefault(int(record["status"]), []).append(float(record["latency_ms"]))
+    return out
+
+
+def logged(log: str, status: int) -> int:
+    """``/rank`` calls with ``status`` the access log accounts for: a line each, or a
+    door's summary line of ``refused`` of them."""
+    return sum(int(r.get("refused", 1)) for r in rank_records(log) if r["status"] == status)
+
+
 def _handling_p99(log: str, status: int) -> float:
     """p99 of the server's own handling time of ``/rank`` calls with ``status``."""
-    lines = (orjson.loads(x) for x in log.splitlines() if '"route":"/rank"' in x)
-    values = [  # a door's summary line ("refused": N) has no handling time of its own
-        float(line["latency_ms"])
-        for line in lines
-        if line.get("status") == status and "latency_ms" in line
-    ]
+    values = handling_ms(log).get(status, [])
     return float(np.percentile(values, 99)) if values else math.nan
 
 

@@ -29,7 +29,14 @@ import pytest
 
 from app.http.protocol import DOOR_LOG_WINDOW_S
 from app.serving.config import Settings
-from loadtest.faults import damaged_bundles, one_model_check, reference_answers, shift_model_scores
+from loadtest.faults import (
+    damaged_bundles,
+    handling_ms,
+    logged,
+    one_model_check,
+    reference_answers,
+    shift_model_scores,
+)
 from loadtest.open_loop import LoadRunner, Sample, summarise
 from loadtest.processes import ServiceProcess, metric, wait_until
 from loadtest.request_bodies import mixed_bodies
@@ -332,30 +339,6 @@ def _p99(values: list[float]) -> float:
     return sorted(values)[int(0.99 * (len(values) - 1))]
 
 
-def _handling_ms(log: str) -> dict[int, list[float]]:
-    """Server-side handling time of each ``/rank`` call logged on its own line, by status,
-    from the access log (a door's summary line of refusals has none: ``_logged``)."""
-    out: dict[int, list[float]] = {}
-    for line in log.splitlines():
-        if '"route":"/rank"' in line:
-            record = json.loads(line)
-            if "latency_ms" in record:
-                out.setdefault(int(record["status"]), []).append(float(record["latency_ms"]))
-    return out
-
-
-def _logged(log: str, status: int) -> int:
-    """``/rank`` calls with ``status`` the access log accounts for: a line each, or a
-    door's summary line of ``refused`` of them."""
-    count = 0
-    for line in log.splitlines():
-        if '"route":"/rank"' in line:
-            record = json.loads(line)
-            if record["status"] == status:
-                count += int(record.get("refused", 1))
-    return count
-
-
 def test_load_above_capacity_is_shed_fast_while_accepted_requests_keep_their_latency(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
@@ -384,15 +367,15 @@ def test_load_above_capacity_is_shed_fast_while_accepted_requests_keep_their_lat
         with LoadRunner(server.url, bodies, 30).running() as base:
             time.sleep(1.5)
         base_samples = base.stop()
-        base_ms = _handling_ms(server.log())[200]
+        base_ms = handling_ms(server.log())[200]
         with LoadRunner(server.url, bodies, 250, connections=256, timeout_s=60).running() as over:
             time.sleep(2.0)
         samples = over.stop()
         shed_counted = metric(server.metrics(), "unicorn_shed_requests_total")
         # The door's last summary line of refusals follows within DOOR_LOG_WINDOW_S.
-        wait_until(lambda: _logged(server.log(), 503) >= shed_counted, 5 * DOOR_LOG_WINDOW_S)
+        wait_until(lambda: logged(server.log(), 503) >= shed_counted, 5 * DOOR_LOG_WINDOW_S)
         log = server.log()
-        handled = _handling_ms(log)
+        handled = handling_ms(log)
     finally:
         server.stop()
     _no_failures(base_samples)
@@ -400,7 +383,7 @@ def test_load_above_capacity_is_shed_fast_while_accepted_requests_keep_their_lat
     shed = [s for s in samples if s.shed]
     assert accepted and shed, summarise(samples).problems
     assert len(accepted) + len(shed) == len(samples), summarise(samples).problems
-    assert shed_counted == len(shed) == _logged(log, 503)
+    assert shed_counted == len(shed) == logged(log, 503)
     slack = 0.25  # a noisy shared box
     # End to end, at the client.
     base_p99 = summarise(base_samples, 0.5).p99_ms / 1000
