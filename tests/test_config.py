@@ -146,3 +146,14 @@ def test_several_workers_listen_on_a_socket_with_tcp_nodelay(
     monkeypatch.setattr(uvicorn.supervisors, "Multiprocess", Supervisor)
     _run_workers(uvicorn.Config(WORKER_ENTRY, factory=True, workers=2, port=0))
     assert seen and all(seen)
+
+
+def test_every_unicorn_variable_the_docs_name_is_a_setting() -> None:
+    """A variable in README.md or docs/*.md that no setting reads would be set in vain
+    (e.g. the examples of docs/API.md, "Model variants and shadow scoring")."""
+    root = API_DOC.parents[1]
+    texts = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    named = {m for p in texts for m in re.findall(r"UNICORN_([A-Z][A-Z_]*[A-Z])", p.read_text())}
+    assert {"VARIANTS", "SHADOW_BUNDLE", "SHADOW_SAMPLE_RATIO"} <= named
+    unknown = sorted(n for n in named if n.lower() not in Settings.model_fields)
+    assert not unknown, f"the docs name UNICORN_* variables no setting reads: {unknown}"
