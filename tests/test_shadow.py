@@ -347,3 +347,25 @@ def _gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def test_a_clean_shutdown_writes_only_json_lines(fast_bundle: Path, tmp_path: Path) -> None:
+    """``unicorn serve`` with a shadow, stopped: the shadow's queues are released, so
+    multiprocessing's resource tracker prints no "leaked semaphore" warning (a non-JSON
+    line in the log) and every line of the log is JSON."""
+    import httpx
+
+    from loadtest.processes import ServiceProcess
+
+    settings = {"bundle": fast_bundle, "shadow_bundle": fast_bundle, "shadow_sample_ratio": 1.0}
+    log = tmp_path / "server.log"
+    server = ServiceProcess(settings, log_path=log).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            assert client.post("/rank", json=REQUESTS[0]).status_code == 200
+    finally:
+        server.stop()
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert lines and "leaked" not in log.read_text()
+    for line in lines:
+        json.loads(line)

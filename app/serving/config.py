@@ -48,7 +48,7 @@ class Settings(BaseSettings):
         description="Serve several bundles at once, members split by a salted hash of the "
         "user id: name=path[:percent],..., e.g. champion=bundles/a,challenger=bundles/b:10 "
         "(entries without a percent share the rest; the first answers requests without a "
-        "user id). Empty = one variant, default, serving `bundle`.",
+        "user id). Empty = one variant, default, serving `bundle` (set, `bundle` is unused).",
     )
     variant_salt: str = Field(
         default="unicorn-variants",

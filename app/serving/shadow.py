@@ -207,6 +207,9 @@ class Shadow:
         for q in (self.jobs, self.results):
             q.cancel_join_thread()  # samples still queued are only measurements
             q.close()
+        # Let the queues' locks be finalised now: alive at exit, multiprocessing's resource
+        # tracker would print a (non-JSON) warning about "leaked semaphore objects".
+        self.jobs = self.results = None
 
     async def wait_started(self, timeout: float = 60.0) -> bool:
         """Whether the bundle loaded (False: refused, or no answer within ``timeout``)."""
