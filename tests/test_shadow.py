@@ -190,24 +190,26 @@ def test_a_sample_the_shadow_fails_on_is_counted_and_logged_once(
 ) -> None:
     """The shadow process's loop, run here: a sample its ranker raises on is answered
     ``failed``, the next one is scored; the worker counts 8 failures and logs one line."""
-    import queue
+    import multiprocessing
 
     from app.core.context import Personalization
     from app.core.ranking import RankQuery
     from app.serving.metrics import ServiceMetrics
     from app.serving.shadow import Shadow, ShadowSample, serve_samples
 
-    jobs: queue.Queue[Any] = queue.Queue()
-    results: queue.Queue[Any] = queue.Queue()
+    jobs, to_shadow = multiprocessing.Pipe(duplex=False)
+    from_shadow, results = multiprocessing.Pipe(duplex=False)
     for sample in (
         ShadowSample(RankQuery(task="search", query=""), "default", ("v1", "v2")),  # no query
         ShadowSample(RankQuery(task="prequery", personalization=Personalization.NONE),
                      "default", ("v1", "v2", "v3")),
         None,
     ):  # fmt: skip
-        jobs.put(sample)
+        to_shadow.send(sample)
     serve_samples(str(fast_bundle), {}, jobs, results, nice=0)
-    answers = [results.get_nowait() for _ in range(results.qsize())]
+    answers = []
+    while from_shadow.poll():
+        answers.append(from_shadow.recv())
     assert [a[0] for a in answers] == ["ready", "failed", "scored"], answers
     assert "query" in answers[1][2]
 
@@ -260,9 +262,10 @@ def test_the_shadow_reloads_on_its_own(
 def test_sampling_takes_the_configured_share(
     same_scores: Path, settings_for: Callable[..., Settings]
 ) -> None:
-    """``offer`` with a seeded draw: about the ratio is queued, nothing when none is
-    asked, and an empty answer is never sampled (no process is started)."""
+    """``offer`` with a seeded draw: about the ratio is sent, nothing when none is
+    asked, an empty answer is never sampled, and no more than the capacity is held."""
     import random
+    from types import SimpleNamespace
 
     from app.core.context import Context, Personalization, Task
     from app.core.ranking import RankQuery
@@ -276,24 +279,25 @@ def test_sampling_takes_the_configured_share(
         [], 1,
     )  # fmt: skip
 
-    def queued(ratio: float, answer: RankOutcome) -> int:
+    def queued(ratio: float, answer: RankOutcome, capacity: int = 10_000) -> int:
         settings = settings_for(
-            shadow_bundle=same_scores, shadow_sample_ratio=ratio, shadow_queue_capacity=10_000
+            shadow_bundle=same_scores, shadow_sample_ratio=ratio, shadow_queue_capacity=capacity
         )
         shadow = Shadow(settings, ServiceMetrics(), random.Random(7).random)
         shadow.up = True
+        sent: list[Any] = []
+        shadow.jobs = SimpleNamespace(send=sent.append)  # type: ignore[assignment]  # no process
         for _ in range(2000):
             shadow.offer(RankQuery(task="prequery"), answer)
-        time.sleep(0.2)  # the queue's feeder thread
-        n = int(shadow.jobs.qsize())
-        shadow.jobs.cancel_join_thread()
-        return n
+        assert shadow.sent == len(sent)
+        return len(sent)
 
     assert 150 < queued(0.1, outcome) < 250
     assert queued(0.0, outcome) == 0
     assert queued(1.0, outcome) == 2000
     empty = RankOutcome([], ctx, "default", "m", Personalization.NONE, "miss", [], 0)
     assert queued(1.0, empty) == 0
+    assert queued(1.0, outcome, capacity=5) == 5  # nothing answered: 5 held, 1995 dropped
 
 
 def test_each_worker_has_a_shadow_that_dies_with_it(fast_bundle: Path, tmp_path: Path) -> None:

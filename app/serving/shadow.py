@@ -4,9 +4,10 @@ own, and its agreement with the variant that answered is exported to Prometheus.
 ``UNICORN_SHADOW_BUNDLE`` names the bundle. Each serving worker starts one shadow process
 (``spawn``, ``nice`` 19: it gets only the CPU the workers leave), which loads, verifies
 and warms the bundle as a variant's holder does. After a ``/rank`` answer is built,
-``offer`` samples it (``UNICORN_SHADOW_SAMPLE_RATIO``) into a bounded queue to that
-process and returns at once: when the queue is full (``UNICORN_SHADOW_QUEUE_CAPACITY``)
-the sample is dropped and counted, never waited for. A slow, failing or dead shadow
+``offer`` samples it (``UNICORN_SHADOW_SAMPLE_RATIO``) and sends it down a pipe to that
+process, then returns: when ``UNICORN_SHADOW_QUEUE_CAPACITY`` samples are already sent
+and not answered, the sample is dropped and counted, never waited for (a few KiB at
+most wait in the pipe, so a send never blocks). A slow, failing or dead shadow
 therefore never holds or changes an answer, and its Python code never holds the
 worker's interpreter lock.
 
@@ -32,12 +33,12 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import queue
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -112,39 +113,47 @@ def _exit_with(parent: int) -> None:
     threading.Thread(target=watch, name="unicorn-shadow-parent", daemon=True).start()
 
 
+def _receive(jobs: Connection) -> Any:
+    try:
+        return jobs.recv()
+    except (EOFError, OSError):  # the worker is gone
+        return None
+
+
 def serve_samples(
-    path: str, options: dict[str, Any], jobs: Any, results: Any, nice: int = NICE
+    path: str, options: dict[str, Any], jobs: Connection, results: Connection, nice: int = NICE
 ) -> None:
-    """The shadow process: load the bundle, then answer each job of ``jobs`` on
-    ``results`` until ``None``. Jobs: a ``ShadowSample`` -> ``("scored", variant, overlap,
-    correlation, seconds)`` or ``("failed", variant, error)``; ``("reload", path)`` ->
-    ``("reloaded", version)`` or ``("refused", message)``."""
+    """The shadow process: load the bundle, then answer each job received on ``jobs`` on
+    ``results`` until ``None`` (or the worker's end of the pipe closes). Jobs: a
+    ``ShadowSample`` -> ``("scored", variant, overlap, correlation, seconds)`` or
+    ``("failed", variant, error)``; ``("reload", path)`` -> ``("reloaded", version)`` or
+    ``("refused", message)``."""
     with contextlib.suppress(OSError):
         os.nice(nice)
     _exit_with(os.getppid())
     try:
         ranker, version = _load(path, options)
     except BundleError as exc:
-        results.put(("refused", exc.message))
+        results.send(("refused", exc.message))
         return
-    results.put(("ready", version))
-    while (job := jobs.get()) is not None:
+    results.send(("ready", version))
+    while (job := _receive(jobs)) is not None:
         if isinstance(job, tuple):  # ("reload", path)
             try:
                 ranker, version = _load(job[1], options)
             except BundleError as exc:
-                results.put(("refused", exc.message))
+                results.send(("refused", exc.message))
             else:
-                results.put(("reloaded", version))
+                results.send(("reloaded", version))
             continue
         started = time.perf_counter()
         try:
             result = agreement(ranker, job)
         except Exception as exc:  # a failing shadow is counted, never propagated
-            results.put(("failed", job.variant, f"{type(exc).__name__}: {exc}"))
+            results.send(("failed", job.variant, f"{type(exc).__name__}: {exc}"))
             continue
         seconds = time.perf_counter() - started
-        results.put(("scored", job.variant, result.overlap, result.correlation, seconds))
+        results.send(("scored", job.variant, result.overlap, result.correlation, seconds))
 
 
 class Shadow:
@@ -169,16 +178,24 @@ class Shadow:
         self.up = False  # scoring: loaded and alive
         self.model_version: str | None = None
         self.failures = 0
+        self.capacity = settings.shadow_queue_capacity
+        # Samples sent and samples answered, each counted by one thread only (the loop,
+        # the reader): the difference is what the process holds.
+        self.sent = 0
+        self.answered = 0
         context = multiprocessing.get_context("spawn")
-        self.jobs: Any = context.Queue(settings.shadow_queue_capacity)
-        self.results: Any = context.Queue()
+        # Pipes, not multiprocessing queues: no feeder thread, and no named semaphores for
+        # the resource tracker to report as leaked when a worker exits.
+        jobs_out, self.jobs = context.Pipe(duplex=False)
+        self.results, results_in = context.Pipe(duplex=False)
+        self._child_ends = (jobs_out, results_in)
         options = {
             "ort_intra_op_threads": settings.ort_intra_op_threads,
             "ort_inter_op_threads": settings.ort_inter_op_threads,
             "max_retrieved": settings.max_retrieved,
         }
         self.process = context.Process(
-            target=target, args=(str(self.bundle), options, self.jobs, self.results),
+            target=target, args=(str(self.bundle), options, jobs_out, results_in),
             name="unicorn-shadow", daemon=True,
         )  # fmt: skip
         self._started = threading.Event()  # the first answer: ready or refused
@@ -193,23 +210,21 @@ class Shadow:
         meanwhile wait in the queue)."""
         self.up = True
         self.process.start()
+        for end in self._child_ends:  # the child has its own: a dead child reads as EOF
+            end.close()
         self._reader.start()
 
     async def close(self) -> None:
         self.up = False
-        with contextlib.suppress(queue.Full, ValueError, OSError):
-            self.jobs.put_nowait(None)
+        with contextlib.suppress(OSError, ValueError):
+            self.jobs.send(None)  # samples still sent are only measurements
         await asyncio.to_thread(self.process.join, 5)
         if self.process.is_alive():
             self.process.kill()
             await asyncio.to_thread(self.process.join, 5)
         await asyncio.to_thread(self._reader.join, 5)
-        for q in (self.jobs, self.results):
-            q.cancel_join_thread()  # samples still queued are only measurements
-            q.close()
-        # Let the queues' locks be finalised now: alive at exit, multiprocessing's resource
-        # tracker would print a (non-JSON) warning about "leaked semaphore objects".
-        self.jobs = self.results = None
+        self.jobs.close()
+        self.results.close()
 
     async def wait_started(self, timeout: float = 60.0) -> bool:
         """Whether the bundle loaded (False: refused, or no answer within ``timeout``)."""
@@ -222,12 +237,17 @@ class Shadow:
             return
         if self.sample_ratio < 1.0 and self.draw() >= self.sample_ratio:
             return
+        if self.sent - self.answered >= self.capacity:
+            self.metrics.shadow_requests.labels(outcome.variant, "dropped").inc()
+            return
         served = tuple(str(item["entity_id"]) for item in outcome.items)
         sample = ShadowSample(replace(q, explain=False), outcome.variant, served)
         try:
-            self.jobs.put_nowait(sample)
-        except queue.Full:
+            self.jobs.send(sample)
+        except (OSError, ValueError):  # the process is gone; the reader turns the shadow off
             self.metrics.shadow_requests.labels(outcome.variant, "dropped").inc()
+            return
+        self.sent += 1
 
     async def reload(self, path: Path | None = None) -> Reloaded:
         """Have the process load ``path`` (default: the configured shadow bundle) after the
@@ -242,7 +262,10 @@ class Shadow:
             started = time.perf_counter()
             previous = self.model_version or ""
             self._reload = concurrent.futures.Future()
-            await asyncio.to_thread(self.jobs.put, ("reload", str(target)), True, RELOAD_TIMEOUT_S)
+            try:
+                self.jobs.send(("reload", str(target)))
+            except (OSError, ValueError):
+                raise BundleError("the shadow process exited", "variant") from None
             try:
                 version = await asyncio.wait_for(
                     asyncio.wrap_future(self._reload), RELOAD_TIMEOUT_S
@@ -262,12 +285,12 @@ class Shadow:
     def _read(self) -> None:
         while True:
             try:
-                message = self.results.get(timeout=POLL_S)
-            except queue.Empty:
-                if self.process.is_alive():
-                    continue
-                self._died()
-                return
+                if not self.results.poll(POLL_S):
+                    if self.process.is_alive():
+                        continue
+                    self._died()
+                    return
+                message = self.results.recv()
             except (EOFError, OSError, ValueError):
                 self._died()
                 return
@@ -277,6 +300,8 @@ class Shadow:
 
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
+        if kind in ("scored", "failed"):
+            self.answered += 1
         if kind == "scored":
             _, variant, overlap, correlation, seconds = message
             self.metrics.shadow_latency.labels(variant).observe(seconds)
