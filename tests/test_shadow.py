@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from conftest import ADMIN_TOKEN, LiveServer, copy_bundle, model_version
 
 from app.serving.config import Settings
 from app.serving.shadow import spearman
+from loadtest.processes import wait_until
 
 SHADOW_REQUESTS = "unicorn_shadow_requests_total"
 REQUESTS = [
@@ -56,15 +56,6 @@ def reversed_scores(tmp_path_factory: pytest.TempPathFactory, fast_bundle: Path)
     onnx.save(model, target / MODEL_FILE)
     write_manifest(target, json.loads((target / MANIFEST).read_text()))
     return target
-
-
-def _wait_for(predicate: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
-    """Poll until ``predicate`` holds (the shadow works in the background); a deadline
-    only turns a hang into a failure, nothing is timed."""
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def _metrics(server: LiveServer) -> str:
@@ -115,7 +106,7 @@ def test_agreement_tells_an_identical_shadow_from_a_disagreeing_one(
             text = _metrics(server)
             return read_metric(text, SHADOW_REQUESTS, variant="default", outcome="scored") >= 4
 
-        _wait_for(done, f"{name}: 4 samples scored")
+        wait_until(done, 30)
         text = _metrics(server)
         overlap = _agreement(text, read_metric, "unicorn_shadow_top10_overlap")
         correlation = _agreement(text, read_metric, "unicorn_shadow_rank_correlation")
@@ -132,7 +123,7 @@ def test_agreement_tells_an_identical_shadow_from_a_disagreeing_one(
 def _shadow_of(server: LiveServer) -> Any:
     shadow = server.app.state.served.shadow
     assert shadow is not None
-    _wait_for(lambda: shadow.model_version is not None, "the shadow process to load its bundle")
+    wait_until(lambda: shadow.model_version is not None, 30)
     return shadow
 
 
@@ -160,7 +151,7 @@ def test_a_stopped_shadow_holds_no_answer_and_drops_what_its_queue_cannot_take(
     def two_scored() -> bool:
         return read_metric(_metrics(server), SHADOW_REQUESTS, outcome="scored") == 2
 
-    _wait_for(two_scored, "the queued samples scored")
+    wait_until(two_scored, 30)
 
 
 def test_a_shadow_process_that_dies_turns_shadow_scoring_off_and_answers_are_unchanged(
@@ -173,7 +164,7 @@ def test_a_shadow_process_that_dies_turns_shadow_scoring_off_and_answers_are_unc
     server = start_server(_shadow_settings(settings_for, same_scores))
     shadow = _shadow_of(server)
     os.kill(shadow.process.pid, signal.SIGKILL)
-    _wait_for(lambda: not shadow.up, "the worker to notice the shadow died")
+    wait_until(lambda: not shadow.up, 30)
     assert _answers(server, REQUESTS * 2) == expected
     with server.client() as client:
         assert "shadow" not in client.get("/readyz").json()["variants"]
@@ -231,7 +222,7 @@ def test_a_refused_shadow_bundle_leaves_the_service_serving_without_a_shadow(
 ) -> None:
     server = start_server(_shadow_settings(settings_for, tampered_bundle))
     shadow = server.app.state.served.shadow
-    _wait_for(lambda: shadow._started.is_set(), "the shadow process to answer")
+    wait_until(lambda: shadow.started.is_set(), 30)
     assert not shadow.up and shadow.model_version is None
     assert _answers(server, REQUESTS)
     with server.client() as client:
@@ -307,7 +298,7 @@ def test_each_worker_has_a_shadow_that_dies_with_it(fast_bundle: Path, tmp_path:
     import httpx
     import psutil
 
-    from loadtest.processes import ServiceProcess, metric, wait_until
+    from loadtest.processes import ServiceProcess, metric
 
     settings = {"bundle": fast_bundle, "workers": 2, "shadow_bundle": fast_bundle,
                 "shadow_sample_ratio": 1.0, "cache_enabled": False}  # fmt: skip

@@ -32,7 +32,7 @@ from app.core.scoring import ScorerOptions
 from app.serving.batching import MicroBatcher, concatenate_requests
 from app.serving.config import Settings
 from app.serving.metrics import ServiceMetrics
-from app.serving.variants import SHADOW, VariantSpec, VariantSplit
+from app.serving.variants import SHADOW, VariantSplit
 
 logger = logging.getLogger("unicorn.model")
 
@@ -253,13 +253,9 @@ class Variants:
     has one, is reloaded with them."""
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
-        self.settings = settings
-        self.specs: tuple[VariantSpec, ...] = settings.variant_specs
-        self.split = VariantSplit(self.specs, settings.variant_salt)
-        self.champion = self.specs[0].name
-        self.holders = {
-            s.name: ModelHolder(settings, metrics, s.name, s.bundle) for s in self.specs
-        }
+        specs = settings.variant_specs
+        self.split = VariantSplit(specs, settings.variant_salt)
+        self.holders = {s.name: ModelHolder(settings, metrics, s.name, s.bundle) for s in specs}
         self.shadow: Reloadable | None = None  # set by the app once its shadow runs
         self._sighup_installed = False
         self._background: set[asyncio.Task[Any]] = set()
@@ -267,6 +263,11 @@ class Variants:
     @property
     def names(self) -> tuple[str, ...]:
         return self.split.names
+
+    @property
+    def champion(self) -> str:
+        """The first variant: requests without a user id, ``/catalogue/sample``."""
+        return self.names[0]
 
     def __iter__(self) -> Iterator[ModelHolder]:
         yield from self.holders.values()

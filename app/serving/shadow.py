@@ -198,7 +198,7 @@ class Shadow:
             target=target, args=(str(self.bundle), options, jobs_out, results_in),
             name="unicorn-shadow", daemon=True,
         )  # fmt: skip
-        self._started = threading.Event()  # the first answer: ready or refused
+        self.started = threading.Event()  # set at the first answer: ready, or refused
         self._reload: concurrent.futures.Future[str] | None = None
         self._reload_lock = asyncio.Lock()
         self._reader = threading.Thread(
@@ -225,11 +225,6 @@ class Shadow:
         await asyncio.to_thread(self._reader.join, 5)
         self.jobs.close()
         self.results.close()
-
-    async def wait_started(self, timeout: float = 60.0) -> bool:
-        """Whether the bundle loaded (False: refused, or no answer within ``timeout``)."""
-        await asyncio.to_thread(self._started.wait, timeout)
-        return self.model_version is not None and self.up
 
     def offer(self, q: RankQuery, outcome: RankOutcome) -> None:
         """Sample an answer for the shadow; never waits (a full queue drops it)."""
@@ -294,9 +289,7 @@ class Shadow:
             except (EOFError, OSError, ValueError):
                 self._died()
                 return
-            self._handle(message)
-            if message[0] == "refused" and not self._started.is_set():
-                return
+            self._handle(message)  # a refusal at start ends the process: read as its exit
 
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -320,14 +313,14 @@ class Shadow:
             self.metrics.set_model(SHADOW, message[1], previous)
             if kind == "ready":
                 logger.info("shadow: scoring with model %s from %s", message[1], self.bundle)
-                self._started.set()
+                self.started.set()
             elif self._reload is not None:
                 self._reload.set_result(message[1])
         elif kind == "refused":
-            if not self._started.is_set():
+            if not self.started.is_set():
                 self.up = False
                 logger.error("shadow bundle refused, shadow scoring is off: %s", message[1])
-                self._started.set()
+                self.started.set()
             elif self._reload is not None:
                 self._reload.set_exception(BundleError(message[1], "bundle"))
 
@@ -337,6 +330,6 @@ class Shadow:
             logger.error(
                 "shadow process exited (code %s): shadow scoring is off", self.process.exitcode
             )
-        self._started.set()
+        self.started.set()
         if self._reload is not None and not self._reload.done():
             self._reload.set_exception(BundleError("the shadow process exited", "variant"))
