@@ -344,6 +344,19 @@ def run_http_grid(runner: HttpRunner, bundle: str) -> None:
             runner.cells(srv, "/rank", bodies, (1, 8), "search", case)
 
 
+def option_cells(
+    runner: HttpRunner, bundle: str, option: str, value: Any, workers: int, case: str,
+    concs: Iterable[int], **settings: Any,
+) -> None:  # fmt: skip
+    """Search cells (N=500, in-process cache) on a server with ``settings``, labelled
+    ``option=value``."""
+    bodies = runner.bodies(bundle, "search", case)
+    assert bodies is not None
+    with runner.server(bundle, TARGET_N, case, "memory", workers, **settings) as srv:
+        runner.warm(srv, "/rank", bodies, 1 if case == "hit" else 0)
+        runner.cells(srv, "/rank", bodies, concs, "search", case, option=option, value=value)
+
+
 def run_http_options(runner: HttpRunner, bundle: str) -> None:
     """Micro-batching, loop/parser, intra-op threads, access log: search, N=500."""
     files = {case: runner.bodies(bundle, "search", case) for case in ("miss", "hit")}
@@ -352,12 +365,7 @@ def run_http_options(runner: HttpRunner, bundle: str) -> None:
 
     def measure(option: str, value: Any, workers: int, case: str, concs: Iterable[int],
                 **settings: Any) -> None:  # fmt: skip
-        """Search cells on a server with ``settings``, labelled ``option=value``."""
-        bodies = files[case]
-        assert bodies is not None
-        with runner.server(bundle, TARGET_N, case, "memory", workers, **settings) as srv:
-            runner.warm(srv, "/rank", bodies, 1 if case == "hit" else 0)
-            runner.cells(srv, "/rank", bodies, concs, "search", case, option=option, value=value)
+        option_cells(runner, bundle, option, value, workers, case, concs, **settings)
 
     # Micro-batching: 0 = inline (the default); 0.01 ms = a thread-pool hop that batches
     # only what is already queued; 1 and 2 ms = real batching windows.
@@ -393,16 +401,11 @@ def run_http_options(runner: HttpRunner, bundle: str) -> None:
 def run_http_features(runner: HttpRunner, bundle: str) -> None:
     """Tracing, variants, the shadow and explain, each off (the default) and on, in one
     run: search, N=500, one worker, in-process cache."""
-    files = {case: runner.bodies(bundle, "search", case) for case in ("miss", "hit")}
-    hits, misses = files["hit"], files["miss"]
-    assert hits is not None and misses is not None
+    misses = runner.bodies(bundle, "search", "miss")
+    assert misses is not None
 
     def measure(option: str, value: Any, case: str, concs: Iterable[int], **settings: Any) -> None:
-        bodies = files[case]
-        assert bodies is not None
-        with runner.server(bundle, TARGET_N, case, "memory", 1, **settings) as srv:
-            runner.warm(srv, "/rank", bodies, 1 if case == "hit" else 0)
-            runner.cells(srv, "/rank", bodies, concs, "search", case, option=option, value=value)
+        option_cells(runner, bundle, option, value, 1, case, concs, **settings)
 
     # Tracing: every request sampled, the collector a closed port (the spans are dropped in
     # the background): the request path's cost alone.
